@@ -1,0 +1,201 @@
+"""Text environments: the protocol they follow, prompt formatting, action parsing, and ALFWorld on its real engine.
+
+Every environment answers `reset()` and `step(reply)` with a `Step`. `step` takes the model's raw reply text and
+parses it itself, so the episode loop (rollout.py) and the trainer know nothing about any one environment.
+An environment is made from a game id (a string), which is also what a training dataset row holds.
+"""
+
+import os
+import random
+import re
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass
+class Step:
+    observation: str  # the environment's own text: the world-model target
+    admissible: list[str] = field(default_factory=list)  # actions the environment accepts now
+    reward: float = 0.0
+    done: bool = False
+    won: bool = False
+    action: str | None = None  # the action parsed from the reply; None when the reply held none
+    valid: bool = True  # False when the reply held no parseable action or an inadmissible one
+
+
+class TextEnv(Protocol):
+    system_prompt: str
+    task_type: str
+
+    def reset(self) -> Step: ...
+
+    def step(self, reply: str) -> Step: ...
+
+    def close(self) -> None: ...
+
+
+def format_admissible(actions):
+    """The text shown after an observation (never a world-model target)."""
+    return "\n\nAdmissible actions: " + ", ".join(actions) if actions else ""
+
+
+ACTION_PATTERN = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
+MAX_ACTION_CHARS = 200
+
+
+def parse_action(reply):
+    """The action inside the reply's single <action>...</action> pair, lowercased, whitespace collapsed.
+
+    None for anything else: no tags, an empty action, two or more actions, or an action too long to be a command.
+    """
+    found = ACTION_PATTERN.findall(reply)
+    if len(found) != 1:
+        return None
+    action = " ".join(found[0].split()).lower()
+    return action if 0 < len(action) <= MAX_ACTION_CHARS else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ALFWorld
+# ----------------------------------------------------------------------------------------------------------------
+
+ALFWORLD_SYSTEM_PROMPT = (
+    "You are an expert agent operating in the ALFRED embodied household environment. Each turn you see what "
+    "happened and the actions you may take. Reason briefly inside <think> </think> tags, then give exactly one "
+    "admissible action inside <action> </action> tags, for example: <think>The mug is likely in a cabinet."
+    "</think><action>go to cabinet 1</action>"
+)
+# Task-type folder prefix -> the short name the literature uses.
+ALFWORLD_TASK_TYPES = {
+    "pick_and_place_simple": "Pick",
+    "look_at_obj_in_light": "Look",
+    "pick_clean_then_place_in_recep": "Clean",
+    "pick_heat_then_place_in_recep": "Heat",
+    "pick_cool_then_place_in_recep": "Cool",
+    "pick_two_obj_and_place": "Pick2",
+}
+ALFWORLD_SPLITS = {"train": "train", "eval_in_distribution": "valid_seen", "eval_out_of_distribution": "valid_unseen"}
+# The release asset `alfworld-download` fetches; it holds json_2.1.1/<split>/.../game.tw-pddl.
+ALFWORLD_GAMES_URL = "https://github.com/alfworld/alfworld/releases/download/0.4.0/json_2.1.2_tw-pddl.zip"
+NOTHING_HAPPENS = "Nothing happens."  # what ALFWorld's engine answers to any command it does not accept
+
+
+class DataMissing(RuntimeError):
+    """Game files are absent and could not be fetched; the message says how to get them."""
+
+
+def alfworld_data_dir():
+    return Path(os.environ.get("ALFWORLD_DATA", Path.home() / ".cache" / "alfworld")).expanduser()
+
+
+def download_alfworld_games(data_dir, url=ALFWORLD_GAMES_URL, timeout=30):
+    """Fetch and unpack the official game files into `data_dir` (what `alfworld-download` does, without extras)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "games.zip"
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
+            shutil.copyfileobj(response, out)
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(data_dir)
+
+
+def alfworld_games(split, data_dir=None):
+    """Game files of a split, sorted. Movable-receptacle and sliced-object tasks are skipped, as upstream does."""
+    if split not in ALFWORLD_SPLITS:
+        raise ValueError(f"unknown ALFWorld split {split!r}; choose one of {', '.join(ALFWORLD_SPLITS)}")
+    data_dir = Path(data_dir) if data_dir else alfworld_data_dir()
+    split_dir = data_dir / "json_2.1.1" / ALFWORLD_SPLITS[split]
+    if not split_dir.is_dir():
+        try:
+            download_alfworld_games(data_dir)
+        except Exception as error:  # no network, a proxy, a full disk: all end in the same advice
+            raise DataMissing(
+                f"ALFWorld game files are missing: {split_dir} does not exist, and downloading them failed "
+                f"({type(error).__name__}: {error}).\nTo get them, on a machine with internet run\n"
+                f"    pip install alfworld==0.4.2 && alfworld-download\n"
+                f"then copy ~/.cache/alfworld (about 350 MB) here and set ALFWORLD_DATA to it, or set ALFWORLD_DATA "
+                f"to any folder that holds json_2.1.1/{ALFWORLD_SPLITS[split]}/."
+            ) from None
+    games = [
+        path for path in split_dir.glob("*/*/game.tw-pddl")
+        if "movable" not in path.parent.parent.name and "Sliced" not in path.parent.parent.name
+    ]
+    if not games:
+        raise DataMissing(f"no game.tw-pddl files under {split_dir}; is ALFWORLD_DATA pointing at the right folder?")
+    return sorted(str(path) for path in games)
+
+
+def alfworld_task_type(game_file):
+    folder = Path(game_file).parent.parent.name
+    return next((short for prefix, short in ALFWORLD_TASK_TYPES.items() if folder.startswith(prefix)), "Other")
+
+
+class AlfWorldEnv:
+    """One ALFWorld game on the real text engine (TextWorld's PDDL backend with ALFWorld's wrappers).
+
+    Only `won`, `admissible_commands` and the stored `walkthrough` are requested from the engine: never the planner
+    (`policy_commands`), which can take tens of seconds per step.
+    """
+
+    system_prompt = ALFWORLD_SYSTEM_PROMPT
+
+    def __init__(self, game):
+        self.game = game
+        self.task_type = alfworld_task_type(game)
+        self.walkthrough = []
+        self._engine = None
+        self._admissible = []
+
+    def reset(self):
+        import textworld
+        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["walkthrough"])
+        self.close()
+        self._engine = textworld.start(self.game, request_infos=infos, wrappers=[AlfredDemangler(), AlfredInfos])
+        state = self._engine.reset()
+        self.walkthrough = list(state.get("extra.walkthrough") or [])
+        self._admissible = list(state["admissible_commands"])
+        observation = state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
+        return Step(observation, self._admissible)
+
+    def step(self, reply):
+        action = parse_action(reply)
+        if action is None:  # answered without touching the engine: it would say the same
+            return Step(NOTHING_HAPPENS, self._admissible, valid=False)
+        shown = self._admissible
+        state, _, done = self._engine.step(action)
+        self._admissible = list(state["admissible_commands"])
+        won = bool(state["won"])
+        return Step(state["feedback"].strip(), self._admissible, float(won), done or won, won, action, action in shown)
+
+    def close(self):
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry: `--env NAME` picks an environment class; it lists its games and is built from one game id.
+# ----------------------------------------------------------------------------------------------------------------
+
+ENVIRONMENTS = {"alfworld": (AlfWorldEnv, alfworld_games)}
+
+
+def list_games(env_name, split, num_games=0, task_types=None, seed=None):
+    """Game ids of a split, optionally filtered by task type and cut to `num_games` (a seeded sample if seed)."""
+    games = ENVIRONMENTS[env_name][1](split)
+    if task_types:
+        env_class = ENVIRONMENTS[env_name][0]
+        games = [g for g in games if env_class(g).task_type in task_types]
+    if seed is not None:
+        games = random.Random(seed).sample(games, len(games))
+    return games[:num_games] if num_games else games
+
+
+def make_env(env_name, game):
+    return ENVIRONMENTS[env_name][0](game)

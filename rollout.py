@@ -1,0 +1,192 @@
+"""The multi-turn episode loop, shared by training (train_paw.py) and evaluation (eval.py).
+
+An episode is one token sequence, built by concatenating token ids (the history is never re-tokenised):
+
+    prompt     = system + user(o_1 [+ admissible]) + assistant header
+    completion = a_1 <eot> | user(o_2 [+ admissible]) + assistant header | a_2 <eot> | ... | a_T <eot> | user(o_T+1) <eot>
+
+Per completion token the episode records `action_index` (t on the tokens the policy generated at turn t, else -1:
+the policy mask) and `obs_index` (t on the raw text of o_{t+1}, else -1: the world-model mask). All live episodes
+advance in lock step: one policy call (one batched `generate`) per turn over every episode still running.
+"""
+
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from envs import Step, TextEnv, format_admissible
+
+
+class ChatFormat:
+    """The token pieces of a tokenizer's chat template, found by rendering a conversation with placeholders."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        marks = ["\x00o1\x00", "\x00a1\x00", "\x00o2\x00"]
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "S"}, {"role": "user", "content": marks[0]},
+             {"role": "assistant", "content": marks[1]}, {"role": "user", "content": marks[2]}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        _, _, between, after = re.split("|".join(map(re.escape, marks)), text)
+        self.eot = tokenizer.eos_token  # the token that ends an assistant turn (<|im_end|> for Qwen2.5)
+        if not between.startswith(self.eot):
+            raise ValueError(f"unsupported chat template: an assistant turn does not end with {self.eot!r}")
+        self.eot_id = tokenizer.convert_tokens_to_ids(self.eot)
+        self.user_header = self.encode(between[len(self.eot):])  # e.g. "\n<|im_start|>user\n"
+        self.assistant_header = self.encode(after)  # e.g. "<|im_end|>\n<|im_start|>assistant\n"
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def prompt(self, system, user):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class Episode:
+    env: TextEnv
+    prompt_ids: list[int] = field(default_factory=list)
+    completion_ids: list[int] = field(default_factory=list)
+    action_index: list[int] = field(default_factory=list)  # policy tokens of turn t -> t, else -1
+    obs_index: list[int] = field(default_factory=list)  # raw text of o_{t+1} -> t, else -1
+    last: Step | None = None  # the latest observation, with its admissible actions
+    turns: list[dict] = field(default_factory=list)  # per turn: reply, action, observation, reward, valid
+    won: bool = False
+    finished: bool = False
+    truncated: bool = False  # ended by the step or token budget
+    error: str | None = None  # the environment raised; the episode counts as failed
+
+    @property
+    def context_ids(self):
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def invalid_actions(self):
+        return sum(not turn["valid"] for turn in self.turns)
+
+    def append(self, ids, action_index=-1, obs_index=-1):
+        self.completion_ids += ids
+        self.action_index += [action_index] * len(ids)
+        self.obs_index += [obs_index] * len(ids)
+
+
+def start_episode(env, chat, show_admissible=True):
+    episode = Episode(env)
+    try:
+        first = env.reset()
+    except Exception as error:  # a broken game ends only its own episode
+        episode.prompt_ids = chat.encode(chat.prompt(env.system_prompt, "The environment failed to start."))
+        episode.append([chat.eot_id])  # TRL needs a non-empty completion; it carries no policy token
+        episode.error, episode.finished = f"reset: {type(error).__name__}: {error}", True
+        return episode
+    episode.last = first
+    episode.prompt_ids = chat.encode(chat.prompt(env.system_prompt, first.observation + format_admissible(
+        first.admissible if show_admissible else [])))
+    return episode
+
+
+def play(envs, policy, chat, max_steps, max_tokens=None, show_admissible=True):
+    """Run one episode per environment to the end; return the episodes.
+
+    policy(episodes) -> one list of reply token ids per episode (it sees `episode.context_ids`).
+    max_steps: actions per episode. max_tokens: cap on each episode's completion length, in tokens.
+    """
+    episodes = [start_episode(env, chat, show_admissible) for env in envs]
+    budget = max_tokens if max_tokens is not None else float("inf")
+    for t in range(max_steps):
+        live = [e for e in episodes if not e.finished]
+        for e in live:
+            if len(e.completion_ids) >= budget:
+                e.finished = e.truncated = True
+        live = [e for e in live if not e.finished]
+        if not live:
+            break
+        for e, reply in zip(live, policy(live)):
+            take_turn(e, t, reply, chat, budget, last_turn=t == max_steps - 1, show_admissible=show_admissible)
+    for e in episodes:
+        e.finished = True
+        e.env.close()
+    return episodes
+
+
+def take_turn(e, t, reply, chat, budget, last_turn, show_admissible):
+    def fits(n):
+        return len(e.completion_ids) + n <= budget
+
+    closed = reply[-1:] == [chat.eot_id]
+    if not fits(len(reply) + (not closed)):  # the reply overflows the token budget: keep what fits, stop
+        e.append(reply[: max(0, budget - len(e.completion_ids))], action_index=t)
+        e.finished = e.truncated = True
+        return
+    e.append(reply, action_index=t)
+    if not closed:  # cut off at the per-turn token cap: close the turn, without making it a policy token
+        e.append([chat.eot_id])
+    text = chat.tokenizer.decode(reply, skip_special_tokens=True)
+    try:
+        step = e.env.step(text)
+    except Exception as error:  # a crashing environment ends only this episode, as a failure
+        e.turns.append({"reply": text, "action": None, "observation": None, "reward": 0.0, "valid": False})
+        e.error, e.finished = f"step {t}: {type(error).__name__}: {error}", True
+        return
+    e.turns.append({"reply": text, "action": step.action, "observation": step.observation,
+                    "reward": step.reward, "valid": step.valid})
+    e.last, e.won = step, e.won or step.won
+    observation = chat.encode(step.observation)
+    follow = chat.encode(format_admissible(step.admissible if show_admissible else [])) + chat.assistant_header
+    ending = step.done or last_turn or not fits(len(chat.user_header) + len(observation) + len(follow))
+    e.finished, e.truncated = ending, ending and not step.done
+    if ending and not fits(len(chat.user_header) + len(observation) + 1):
+        return  # not even o_{t+1} fits: the sequence ends with the action
+    e.append(chat.user_header)
+    e.append(observation, obs_index=t)
+    e.append([chat.eot_id] if ending else follow)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policies: callables that map the live episodes to reply token ids.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ModelPolicy:
+    """Samples one reply per live episode with a single batched `generate` call (left padding)."""
+
+    def __init__(self, model, chat, generation_config):
+        self.model, self.chat, self.generation_config = model, chat, generation_config
+        stops = generation_config.eos_token_id
+        self.stop_ids = {chat.eot_id, *([stops] if isinstance(stops, int) else stops or [])}
+
+    @torch.no_grad()
+    def __call__(self, episodes):
+        contexts = [e.context_ids for e in episodes]
+        width = max(map(len, contexts))
+        pad_id = self.chat.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=self.model.device)
+        attention_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
+                                      device=self.model.device)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     generation_config=self.generation_config)
+        replies = []
+        for row in output[:, width:].tolist():
+            end = next((i for i, token in enumerate(row) if token in self.stop_ids), len(row) - 1)
+            replies.append(row[: end + 1])
+        return replies
+
+
+def text_policy(chat, choose):
+    """A policy from a function episode -> reply text (scripted, expert or random agents)."""
+    return lambda episodes: [chat.encode(choose(e)) + [chat.eot_id] for e in episodes]
+
+
+def expert_policy(chat):
+    """Replays each game's stored walkthrough (ALFWorld's expert solution)."""
+    return text_policy(chat, lambda e: f"<action>{e.env.walkthrough[len(e.turns)]}</action>")
+
+
+def random_policy(chat, seed):
+    """Picks a uniformly random admissible action: the floor any learning agent must beat."""
+    rng = random.Random(seed)
+    return text_policy(chat, lambda e: f"<action>{rng.choice(e.last.admissible)}</action>")

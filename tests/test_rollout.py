@@ -1,0 +1,139 @@
+"""The episode loop: sequence layout and masks, malformed output, crashing environments, budgets, the expert."""
+
+import random
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from envs import NOTHING_HAPPENS, format_admissible, make_env, parse_action
+from rollout import ChatFormat, expert_policy, play, random_policy, text_policy
+from scripted import ACTIONS, SCRIPTS, ScriptedEnv, scripted_policy
+from train_paw import episode_fields, make_invalid_action_penalty
+
+
+def test_chat_format_pieces_match_the_qwen_template(chat, tokenizer):
+    assert tokenizer.decode(chat.user_header) == "\n<|im_start|>user\n"
+    assert tokenizer.decode(chat.assistant_header) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.eot == "<|im_end|>"
+
+
+def test_masks_of_a_known_two_turn_episode(chat):
+    """Policy tokens are the replies with their <|im_end|>; WM tokens are exactly the raw observation text."""
+    (episode,) = play([ScriptedEnv("A", serial=0)], scripted_policy(chat), chat, max_steps=5)
+    assert episode.won and len(episode.turns) == 2 and not episode.truncated
+    reply_1, reply_2 = SCRIPTS[0]
+    o_2, o_3 = "Turn 1: you open box.", "Turn 2: you take key from box. You found the key!"
+    pieces = [  # (text, policy?, world-model target of transition t?)
+        (reply_1 + chat.eot, 0, None), ("\n<|im_start|>user\n", None, None), (o_2, None, 0),
+        (format_admissible(ACTIONS) + "<|im_end|>\n<|im_start|>assistant\n", None, None),
+        (reply_2 + chat.eot, 1, None), ("\n<|im_start|>user\n", None, None), (o_3, None, 1), (chat.eot, None, None),
+    ]
+    ids, action_index, obs_index = [], [], []
+    for text, action_t, obs_t in pieces:
+        piece = chat.encode(text)
+        ids += piece
+        action_index += [-1 if action_t is None else action_t] * len(piece)
+        obs_index += [-1 if obs_t is None else obs_t] * len(piece)
+    assert episode.completion_ids == ids
+    assert episode.action_index == action_index
+    assert episode.obs_index == obs_index
+    assert chat.tokenizer.decode(episode.prompt_ids).startswith("<|im_start|>system\nYou are in a test room.")
+    fields = episode_fields([episode])
+    assert fields["env_mask"][0] == [int(t >= 0) for t in action_index]
+
+
+def test_a_reply_cut_at_the_token_cap_gets_a_non_policy_end_of_turn(chat):
+    cut = text_policy(chat, lambda e: "<action>open box</action>")  # text_policy appends <|im_end|>...
+    policy = lambda episodes: [ids[:-1] for ids in cut(episodes)]  # ...which a capped reply lacks
+    (episode,) = play([ScriptedEnv("A")], policy, chat, max_steps=1)
+    reply = chat.encode("<action>open box</action>")
+    assert episode.completion_ids[: len(reply) + 1] == reply + [chat.eot_id]
+    assert episode.action_index[: len(reply) + 1] == [0] * len(reply) + [-1]
+    assert episode.turns[0]["action"] == "open box" and episode.truncated
+
+
+@pytest.mark.parametrize("reply", [
+    "", "I will go to the desk.", "x" * 10_000, "<action>" + "x" * 10_000 + "</action>",
+    "".join(chr(random.Random(0).randrange(0x20, 0x2FFFF)) for _ in range(300)),
+    "<action>look</action><action>inventory</action>", "<action></action>", "<action>" + "go " * 100 + "</action>",
+])
+def test_parse_action_rejects_malformed_replies(reply):
+    assert parse_action(reply) is None
+
+
+def test_parse_action_normalises_case_and_whitespace_and_ignores_text_around_the_action():
+    assert parse_action("<think>x</think>\n<Action>  Go to   Desk 1\n</ACTION>") == "go to desk 1"
+    assert parse_action("<action>look</action>" + "x" * 10_000) == "look"
+
+
+MALFORMED = ["", "no tags at all", "<action>go to desk 1</action>" * 2, "z" * 10_000,
+             "".join(chr(random.Random(1).randrange(0x20, 0x2FFFF)) for _ in range(500))]
+
+
+def test_malformed_output_on_a_real_game_is_an_invalid_action_with_the_penalty(chat, unseen_games):
+    envs = [make_env("alfworld", unseen_games[0]) for _ in MALFORMED]
+    policy = lambda episodes: [chat.encode(MALFORMED[envs.index(e.env)]) + [chat.eot_id] for e in episodes]
+    episodes = play(envs, policy, chat, max_steps=2)
+    penalties = make_invalid_action_penalty(0.1)(None, **{"invalid_actions": [e.invalid_actions for e in episodes]})
+    for episode, penalty in zip(episodes, penalties):
+        assert episode.error is None and not episode.won and len(episode.turns) == 2
+        assert [t["observation"] for t in episode.turns] == [NOTHING_HAPPENS] * 2
+        assert episode.invalid_actions == 2 and penalty == pytest.approx(-0.2)
+        assert max(episode.obs_index) == 1  # "Nothing happens." is the engine's answer: still a WM target
+
+
+def test_an_inadmissible_action_reaches_the_engine_and_is_penalised(chat, unseen_games):
+    (episode,) = play([make_env("alfworld", unseen_games[0])],
+                      text_policy(chat, lambda e: "<action>fly to the moon</action>"), chat, max_steps=1)
+    assert episode.turns[0]["action"] == "fly to the moon" and not episode.turns[0]["valid"]
+    assert episode.turns[0]["observation"] == NOTHING_HAPPENS
+
+
+def test_a_crashing_environment_ends_only_its_own_episode(chat):
+    envs = [ScriptedEnv("A", serial=1), ScriptedEnv("B", serial=1, fail_at=2), ScriptedEnv("C", fail_at="reset")]
+    healthy, crashed, unborn = play(envs, scripted_policy(chat), chat, max_steps=5)
+    assert healthy.won and healthy.error is None and len(healthy.turns) == 3
+    assert not crashed.won and crashed.error.startswith("step 1: RuntimeError") and len(crashed.turns) == 2
+    assert not unborn.won and unborn.error.startswith("reset: RuntimeError") and unborn.turns == []
+    assert unborn.completion_ids and max(unborn.action_index) == -1  # a placeholder TRL accepts, never trained on
+    assert episode_fields([healthy, crashed, unborn])["env_error"] == [False, True, True]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 40, 64, 100, 333])
+def test_the_token_budget_is_never_exceeded(chat, max_tokens):
+    envs = [ScriptedEnv("room", serial=k) for k in range(4)]
+    for episode in play(envs, scripted_policy(chat), chat, max_steps=6, max_tokens=max_tokens):
+        assert len(episode.completion_ids) <= max_tokens
+        assert len(episode.completion_ids) == len(episode.action_index) == len(episode.obs_index)
+        assert episode.won or episode.truncated or episode.error
+
+
+def test_the_step_budget_ends_episodes_as_truncated(chat):
+    (episode,) = play([ScriptedEnv("room", serial=2)], scripted_policy(chat), chat, max_steps=3)
+    assert len(episode.turns) == 3 and episode.truncated and not episode.won
+    assert episode.completion_ids[-1] == chat.eot_id and max(episode.obs_index) == 2
+
+
+def test_random_policy_is_seeded_and_only_takes_admissible_actions(chat, unseen_games):
+    runs = [play([make_env("alfworld", unseen_games[3])], random_policy(chat, seed=7), chat, max_steps=4)[0]
+            for _ in range(2)]
+    assert [t["action"] for t in runs[0].turns] == [t["action"] for t in runs[1].turns]
+    assert all(t["valid"] for t in runs[0].turns)
+
+
+def _replay(args):
+    tiny_path, games = args
+    from transformers import AutoTokenizer
+
+    chat = ChatFormat(AutoTokenizer.from_pretrained(tiny_path))
+    episodes = play([make_env("alfworld", g) for g in games], expert_policy(chat), chat, max_steps=60)
+    return [(e.env.game, e.won, e.invalid_actions, e.error) for e in episodes]
+
+
+def test_the_stored_walkthrough_wins_every_valid_unseen_game(tiny_path, unseen_games):
+    assert len(unseen_games) == 134
+    chunks = [(tiny_path, unseen_games[i::2]) for i in range(2)]
+    with ProcessPoolExecutor(2) as pool:
+        results = [r for chunk in pool.map(_replay, chunks) for r in chunk]
+    assert len(results) == 134
+    assert [r for r in results if not r[1] or r[2] or r[3]] == []

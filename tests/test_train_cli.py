@@ -1,0 +1,110 @@
+"""train_paw.py as users run it: real ALFWorld games, every mode and model setup, saving, resuming, bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import train_paw
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--env", "alfworld", "--model_name_or_path", "tiny", "--train_split", "eval_out_of_distribution",
+        "--num_train_games", "1", "--num_generations", "2", "--per_device_train_batch_size", "2",
+        "--max_env_steps", "2", "--max_action_tokens", "8", "--use_cpu", "--report_to", "none"]
+SETUPS = {
+    "full": ["--use_peft", "false", "--load_in_4bit", "false"],
+    "lora": ["--use_peft", "true", "--load_in_4bit", "false"],
+    "4bit-lora": ["--use_peft", "true", "--load_in_4bit", "true"],
+}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("mode", ["off", "echo", "paw"])
+def test_one_real_training_step(tiny_path, tmp_path, unseen_games, mode, setup):
+    trainer = train_paw.main(FAST + SETUPS[setup] + ["--wm", mode, "--max_steps", "1", "--output_dir", str(tmp_path)])
+    logged = trainer.state.log_history[0]
+    assert trainer.state.global_step == 1
+    assert {"episode/success_rate", "episode/length", "episode/invalid_action_rate"} <= logged.keys()
+    assert ("wm/loss" in logged) == (mode != "off")
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trainable.values())  # LoRA on 4-bit: recast from TRL's bf16
+    if setup == "4bit-lora":
+        assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
+    if mode != "off":  # the random model's episodes all fail: GRPO has no signal, the WM term (lambda = 1) does
+        assert logged["wm/lambda_mean"] == 1.0 and logged["wm/loss"] > 0
+        if setup == "full":
+            initial = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()
+            assert any(not torch.equal(p.cpu(), initial[n]) for n, p in trainer.model.state_dict().items())
+        else:
+            assert any(p.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)  # B starts at zero
+
+
+def run(args, **env):
+    return subprocess.run([sys.executable, "train_paw.py", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=900)
+
+
+def test_the_readme_smoke_command_trains_and_saves_an_adapter_that_loads(tiny_path, tmp_path, unseen_games):
+    out = tmp_path / "smoke"
+    result = run(["--env", "alfworld", "--model_name_or_path", "tiny", "--max_steps", "2", "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2/2" in result.stderr  # the progress bar reached the last step
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    model = PeftModel.from_pretrained(base, out)
+    saved = load_file(out / "adapter_model.safetensors")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert saved and len(saved) == len(loaded)
+    assert any(t.abs().sum() > 0 for n, t in saved.items() if "lora_B" in n)
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tiny_path, tmp_path, monkeypatch, unseen_games):
+    args = FAST + ["--max_steps", "2", "--save_steps", "1", "--output_dir", str(tmp_path)]
+    calls = []
+    real_play = train_paw.play
+
+    def crash_on_second_rollout(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run dies in step 2, after checkpoint-1 was written
+        return real_play(*a, **k)
+
+    monkeypatch.setattr(train_paw, "play", crash_on_second_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        train_paw.main(args)
+    assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
+
+    calls.clear()
+    monkeypatch.setattr(train_paw, "play", lambda *a, **k: calls.append(1) or real_play(*a, **k))
+    trainer = train_paw.main(args + ["--resume_from_checkpoint", "last"])
+    assert trainer.state.global_step == 2 and len(calls) == 1  # only step 2 was run again
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--wm_alpha", "0"], "--wm_alpha must be in (0, 1]"),
+    (["--cmae_rho", "1.5"], "--cmae_rho must be in (0, 1]"),
+    (["--num_generations", "3", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"],
+     "must be divisible by num_generations (3)"),
+    (["--env", "minecraft"], "invalid choice: 'minecraft'"),
+    (["--wm", "dreamer"], "invalid choice: 'dreamer'"),
+    (["--temperature", "0.7"], "--wm echo/paw needs --temperature 1.0"),
+    (["--task_types", "Sleep"], "invalid choice: 'Sleep'"),
+])
+def test_bad_flags_fail_fast_with_a_clear_message(args, message):
+    result = run(["--model_name_or_path", "tiny", *args])
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_game_files_say_how_to_get_them(tmp_path):
+    result = run(["--model_name_or_path", "tiny", "--max_steps", "1"], ALFWORLD_DATA=str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ALFWorld game files are missing" in result.stderr and "alfworld-download" in result.stderr

@@ -1,0 +1,147 @@
+"""PaWTrainer against TRL's GRPOTrainer and against an independent computation of the WM gradient."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+from losses import TOKEN_LOSSES
+from rollout import play
+from scripted import ScriptedEnv, scripted_policy
+from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, success
+
+GROUP = 4
+# Serial numbers pick each episode's script: the first group wins half its episodes, the second none.
+SERIALS = [0, 1, 2, 3, 3, 2, 3, 2]
+LR = 0.5
+
+
+def scripted_rollout(chat, serials=SERIALS):
+    def rollout_func(prompts, trainer):
+        envs = [ScriptedEnv(game, serial) for game, serial in zip(prompts, serials, strict=True)]
+        rollout_func.episodes = play(envs, scripted_policy(chat), chat, max_steps=3)
+        return episode_fields(rollout_func.episodes)
+
+    return rollout_func
+
+
+def sgd_config(tmp_path, **overrides):
+    """One plain SGD step with no clipping, so that an update is exactly -lr * gradient."""
+    return GRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no", max_steps=1,
+        logging_steps=1, num_generations=GROUP, max_completion_length=1024,
+        optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        gradient_checkpointing=False, disable_dropout=True, seed=0, **{"per_device_train_batch_size": 8, **overrides},
+    )
+
+
+def train_once(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, **config):
+    """Train one step on the scripted rollouts; return (initial params, update, trainer)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    kwargs = dict(
+        model=model, reward_funcs=[success, make_invalid_action_penalty(0.1)], args=sgd_config(tmp_path, **config),
+        train_dataset=Dataset.from_dict({"prompt": ["room-a", "room-b"]}), processing_class=chat.tokenizer,
+        rollout_func=scripted_rollout(chat, serials),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        if peft else None,
+    )
+    trainer = GRPOTrainer(**kwargs) if paw is None else PaWTrainer(paw=paw, **kwargs)
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train()
+    return before, {n: params[n].detach() - before[n] for n in params}, trainer
+
+
+def test_wm_off_is_bit_identical_to_plain_grpo(tiny_path, chat, tmp_path):
+    _, grpo_update, grpo = train_once(tiny_path, chat, tmp_path / "grpo")
+    _, off_update, off = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"))
+    assert any(update.abs().sum() > 0 for update in grpo_update.values())  # the step did move the model
+    assert all(torch.equal(grpo_update[n], off_update[n]) for n in grpo_update)
+    assert "wm/loss" not in off.state.log_history[0]
+
+
+def reference_wm_loss(model, episodes, paw):
+    """beta * L_WM written out with plain loops over episodes, transitions and tokens (PAW_SPEC §1, §2)."""
+    rows = []  # (action entropy, WM loss, lambda) per transition that has observation tokens
+    for b, e in enumerate(episodes):
+        ids = torch.tensor([e.prompt_ids + e.completion_ids])
+        logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1].float()  # predicts each completion token
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1).detach()
+        token_logp = logp[torch.arange(len(e.completion_ids)), torch.tensor(e.completion_ids)]
+        group = episodes[b // GROUP * GROUP:(b // GROUP + 1) * GROUP]
+        lam = min(max(1 - sum(x.won for x in group) / GROUP, 0.0), 1.0) if paw.wm_weighting == "adaptive" else 1.0
+        for t in range(len(e.turns)):
+            action = [j for j, i in enumerate(e.action_index) if i == t]
+            target = [j for j, i in enumerate(e.obs_index) if i == t]
+            if target:
+                losses = [TOKEN_LOSSES[paw.wm_loss](token_logp[j], paw.cmae_rho) for j in target]
+                rows.append((entropy[action].mean().item(), sum(losses) / len(target), lam))
+    keep = sorted(range(len(rows)), key=lambda r: -rows[r][0])[: math.ceil(paw.wm_alpha * len(rows))]
+    return paw.wm_beta * sum(rows[r][2] * rows[r][1] for r in keep) / len(keep)
+
+
+@pytest.mark.parametrize("mode,extra,peft", [
+    ("paw", {}, False), ("paw", {}, True), ("echo", {}, False),
+    ("paw", {"wm_alpha": 1.0, "wm_loss": "ce", "wm_weighting": "constant", "cmae_rho": 0.5}, False),
+])
+def test_wm_update_is_minus_lr_times_the_wm_gradient(tiny_path, chat, tmp_path, mode, extra, peft):
+    paw = PaWArguments(wm=mode, **extra)
+    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"), peft)
+    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / mode, paw, peft)
+
+    error, reference = compare_with_reference(before, off_update, wm_update, trainer, paw)
+    assert error < 1e-3
+    assert trainer.state.log_history[0]["wm/loss"] == pytest.approx(reference / paw.wm_beta, rel=1e-4)
+
+
+def test_with_gradient_accumulation_the_wm_term_divides_itself(tiny_path, chat, tmp_path):
+    # Every episode fails and has three transitions, so each micro-batch mean weighs transitions equally and the
+    # expected term does not depend on how TRL shuffles episodes into the two micro-batches.
+    paw = PaWArguments(wm="paw", wm_alpha=1.0, wm_weighting="constant")
+    serials = [2, 3, 2, 3, 3, 2, 3, 2]
+    config = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"), **config,
+                                       serials=serials)
+    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / "paw", paw, serials=serials, **config)
+    assert compare_with_reference(before, off_update, wm_update, trainer, paw)[0] < 1e-3
+
+
+def compare_with_reference(before, off_update, wm_update, trainer, paw):
+    """The relative error || (update_wm - update_off) - (-lr * grad(beta * L_WM)) || / || lr * grad ||, with the
+    gradient recomputed on the initial weights from the rollouts the trainer saw; and beta * L_WM itself."""
+    model = trainer.model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in before:
+                param.copy_(before[name])
+    model.zero_grad()
+    reference = reference_wm_loss(model, trainer.rollout_func.episodes, paw)
+    reference.backward()
+    expected = torch.cat([-LR * p.grad.flatten() for n, p in model.named_parameters() if n in before])
+    got = torch.cat([(wm_update[n] - off_update[n]).flatten() for n in before])
+    assert expected.norm() > 0
+    return ((got - expected).norm() / expected.norm()).item(), reference.item()
+
+
+def count_forwards(tiny_path, chat, tmp_path, mode):
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    calls = []
+    model.model.register_forward_hook(lambda *args: calls.append(1))  # the backbone: runs once per model forward
+    trainer = PaWTrainer(
+        model=model, reward_funcs=[success], args=sgd_config(tmp_path),
+        train_dataset=Dataset.from_dict({"prompt": ["room-a", "room-b"]}), processing_class=chat.tokenizer,
+        rollout_func=scripted_rollout(chat), paw=PaWArguments(wm=mode),
+    )
+    trainer.train()
+    return len(calls)
+
+
+def test_the_wm_term_costs_no_second_forward_pass(tiny_path, chat, tmp_path):
+    off = count_forwards(tiny_path, chat, tmp_path / "off", "off")
+    paw = count_forwards(tiny_path, chat, tmp_path / "paw", "paw")
+    assert off == paw == 1  # one micro-batch, one forward; the scripted rollouts call no model

@@ -1,0 +1,309 @@
+"""PaW: Policy and World-model co-training for language agents, on TRL's GRPOTrainer.
+
+    python train_paw.py --env alfworld                                  # Qwen2.5-7B-Instruct, NF4 + LoRA, GRPO+PaW
+    python train_paw.py --env alfworld --model_name_or_path tiny --max_steps 2 --output_dir runs/smoke   # CPU
+
+The agent is trained with GRPO on multi-turn episodes and, in the same optimizer step and from the same forward
+pass, learns to predict each next observation o_{t+1} after its action a_t (PAW_SPEC.md). Every TRL/transformers
+flag works too, as does `--config file.yaml`. Lines marked `# ALGO LOGIC:` are the method; `# TRY NOT TO MODIFY:`
+marks plumbing.
+"""
+
+import copy
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16
+# TRL 1.16's own defaults use the name transformers 5.23 deprecated; the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl.models import unwrap_model_for_generation
+
+from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, make_env
+from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
+from rollout import ChatFormat, ModelPolicy, play
+from tiny_model import TINY_NAME, tiny_model_path
+from wm_select import action_entropy, select_top_alpha
+
+
+@dataclass
+class PaWArguments:
+    env: str = field(default="alfworld", metadata={"help": "Text environment.", "choices": list(ENVIRONMENTS)})
+    wm: Literal["off", "echo", "paw"] = field(
+        default="paw", metadata={"help": "off: plain GRPO. echo: ECHO-style CE on all transitions. paw: PaW."})
+    wm_beta: float | None = field(
+        default=None, metadata={"help": "Weight beta of the WM loss (default: 1.0 for paw, 0.05 for echo)."})
+    wm_alpha: float | None = field(
+        default=None, metadata={"help": "Fraction of transitions, by action entropy, that get the WM loss "
+                                        "(default: 0.5 for paw, 1.0 for echo)."})
+    cmae_rho: float = field(default=0.9, metadata={"help": "CMAE clip: tokens with p > rho get no WM loss."})
+    wm_loss: Literal["cmae", "ce"] | None = field(
+        default=None, metadata={"help": "WM token loss (default: cmae for paw, ce for echo)."})
+    wm_weighting: Literal["adaptive", "constant"] | None = field(
+        default=None, metadata={"help": "adaptive: beta * clip(1 - group success, 0, 1); constant: beta "
+                                        "(default: adaptive for paw, constant for echo)."})
+    max_env_steps: int = field(default=20, metadata={"help": "Actions per episode."})
+    max_action_tokens: int = field(default=256, metadata={"help": "Token cap of one reply (think + action)."})
+    show_admissible: bool = field(default=True, metadata={"help": "List the admissible actions in each turn."})
+    invalid_action_penalty: float = field(
+        default=0.1, metadata={"help": "Reward penalty per unparseable or inadmissible action."})
+    train_split: str = field(default="train", metadata={"help": "Split whose games are trained on."})
+    num_train_games: int = field(default=0, metadata={"help": "Train on a seeded sample of this many games (0: all)."})
+    task_types: list[str] | None = field(
+        default=None, metadata={"help": "Train only on these task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
+
+    def __post_init__(self):
+        for key, value in MODE_DEFAULTS[self.wm].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        checks = [
+            (0 < self.wm_alpha <= 1, f"--wm_alpha must be in (0, 1], got {self.wm_alpha}"),
+            (0 < self.cmae_rho <= 1, f"--cmae_rho must be in (0, 1], got {self.cmae_rho}"),
+            (self.wm_beta >= 0, f"--wm_beta must be >= 0, got {self.wm_beta}"),
+            (self.max_env_steps >= 1, f"--max_env_steps must be >= 1, got {self.max_env_steps}"),
+            (self.max_action_tokens >= 1, f"--max_action_tokens must be >= 1, got {self.max_action_tokens}"),
+            (self.invalid_action_penalty >= 0, "--invalid_action_penalty must be >= 0"),
+            (self.num_train_games >= 0, "--num_train_games must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+# The paper's modes (PAW_SPEC §3); an explicit flag overrides its mode's default, which is how ablations are run.
+MODE_DEFAULTS = {
+    "paw": dict(wm_beta=1.0, wm_alpha=0.5, wm_loss="cmae", wm_weighting="adaptive"),
+    "echo": dict(wm_beta=0.05, wm_alpha=1.0, wm_loss="ce", wm_weighting="constant"),
+    "off": dict(wm_beta=0.0, wm_alpha=1.0, wm_loss="ce", wm_weighting="constant"),
+}
+
+
+def default_flags():
+    """Defaults of the design card: Qwen2.5-7B-Instruct in NF4 with LoRA on all linear layers, on one GPU."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return dict(
+        model_name_or_path="Qwen/Qwen2.5-7B-Instruct", use_peft=True, lora_target_modules="all-linear",
+        lora_dropout=0.0, load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
+        bf16=bf16, fp16=cuda and not bf16, dtype="bfloat16" if bf16 else "float16" if cuda else "float32",
+        learning_rate=1e-5,  # LoRA needs ~10x the full fine-tuning rate (1e-6 in GiGPO/verl-agent)
+        num_generations=8, per_device_train_batch_size=4, gradient_accumulation_steps=4,  # 2 games x 8 per step
+        max_completion_length=6144, max_steps=200, logging_steps=1, save_steps=25, disable_dropout=True,
+        report_to="none", output_dir="runs/paw", dataloader_pin_memory=cuda,
+    )
+
+
+# With `--model_name_or_path tiny` (a CPU smoke run), a run shrinks to a few short episodes; flags still win.
+TINY_FLAGS = dict(num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_env_steps=4,
+                  max_action_tokens=32, max_completion_length=2048)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the PaW trainer. TRL's GRPO loss is untouched; the WM term is added from the same forward pass.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PaWTrainer(GRPOTrainer):
+    def __init__(self, *args, paw: PaWArguments, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paw = paw
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        # TRY NOT TO MODIFY: keep the log-probs (with their graph) and entropies of the policy-loss forward, which
+        # scores every completion token, observations included. TRL asks for entropies only in that forward.
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if kwargs.get("compute_entropy") and self.paw.wm != "off":
+            self._policy_forward = (logps, entropies)
+        return logps, entropies, aux_loss
+
+    def _generate_and_score_completions(self, inputs):
+        # TRY NOT TO MODIFY: TRL merged the rollout's extra fields into `inputs`; carry the per-token transition
+        # indices and each group's success rate into the batch that compute_loss receives.
+        output = super()._generate_and_score_completions(inputs)
+        device, width = output["completion_ids"].device, output["completion_ids"].size(1)
+        for key in ("action_index", "obs_index"):
+            output[key] = torch.tensor([row[key] + [-1] * (width - len(row[key])) for row in inputs], device=device)
+        group = self.num_generations if self.model.training else self.num_generations_eval
+        success = self.accelerator.gather(torch.tensor([row["success"] for row in inputs], device=device))
+        group_success = success.view(-1, group).mean(dim=1).repeat_interleave(group)
+        rank = self.accelerator.process_index
+        output["group_success"] = group_success[rank * len(inputs):(rank + 1) * len(inputs)]
+        self._log_episodes(inputs, success)
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # TRL's GRPO loss, unchanged
+        if self.paw.wm == "off":
+            return loss
+        # ALGO LOGIC: L = L_RL + beta * mean over selected transitions t of lambda_g(t) * L_WM(t)
+        paw = self.paw
+        logps, token_entropy = self._policy_forward  # the forward that produced L_RL: no second pass
+        del self._policy_forward
+        action_index, obs_index = inputs["action_index"], inputs["obs_index"]
+        num_transitions = int(torch.maximum(action_index.max(), obs_index.max()).clamp(min=0)) + 1
+        entropy = action_entropy(token_entropy, action_index, num_transitions)  # (B, T), no gradient
+        token_loss = TOKEN_LOSSES[paw.wm_loss](logps, paw.cmae_rho)  # (B, L)
+        transition_loss, num_targets = transition_wm_loss(token_loss, obs_index, num_transitions)  # (B, T)
+        selected = select_top_alpha(entropy, num_targets > 0, paw.wm_alpha)  # top-alpha by action entropy
+        if paw.wm_weighting == "adaptive":
+            weight = adaptive_lambda(inputs["group_success"])  # lambda_g = clip(1 - R_g / R_max, 0, 1)
+        else:
+            weight = torch.ones_like(inputs["group_success"])
+        wm_loss = wm_objective(transition_loss, selected, weight.unsqueeze(1).to(transition_loss.dtype))
+        # TRL's loss is already divided for gradient accumulation; the extra term must divide itself.
+        loss = loss + paw.wm_beta * wm_loss / self.current_gradient_accumulation_steps
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            in_selected = (obs_index >= 0) & selected.gather(1, obs_index.clamp(min=0))
+            stats = {"wm/loss": wm_loss, "wm/lambda_mean": weight.float().mean(),
+                     "wm/selected_frac": selected.sum() / (num_targets > 0).sum().clamp(min=1)}
+            if paw.wm_loss == "cmae":
+                clipped = (logps.exp() > paw.cmae_rho) & in_selected
+                stats["wm/clipped_frac"] = clipped.sum() / in_selected.sum().clamp(min=1)
+        mode = "train" if model.training else "eval"
+        for name, value in stats.items():
+            self._metrics[mode][name].append(self.accelerator.gather(value.detach().float()).mean().item())
+        return loss
+
+    def _log_episodes(self, inputs, success):
+        mode = "train" if self.model.training else "eval"
+        device = success.device
+        steps = torch.tensor([row["num_steps"] for row in inputs], device=device, dtype=torch.float)
+        invalid = torch.tensor([row["invalid_actions"] for row in inputs], device=device, dtype=torch.float)
+        errors = torch.tensor([row["env_error"] for row in inputs], device=device, dtype=torch.float)
+        steps, invalid, errors = (self.accelerator.gather(x) for x in (steps, invalid, errors))
+        self._metrics[mode]["episode/success_rate"].append(success.float().mean().item())
+        self._metrics[mode]["episode/length"].append(steps.mean().item())
+        self._metrics[mode]["episode/invalid_action_rate"].append((invalid.sum() / steps.sum().clamp(min=1)).item())
+        self._metrics[mode]["episode/env_error_rate"].append(errors.mean().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: rollouts and rewards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_rollout_func(paw: PaWArguments, chat: ChatFormat):
+    def rollout_func(prompts, trainer):
+        """prompts: one game id per episode; TRL has repeated each game num_generations times (the group)."""
+        generation_config = copy.deepcopy(trainer.generation_config)
+        generation_config.max_new_tokens = paw.max_action_tokens
+        generation_config.eos_token_id = sorted({chat.eot_id, *trainer.eos_token_ids})
+        generation_config.use_cache = True
+        envs = [make_env(paw.env, game) for game in prompts]
+        with unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator,
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+        ) as model:
+            policy = ModelPolicy(model, chat, generation_config)
+            episodes = play(envs, policy, chat, paw.max_env_steps, trainer.args.max_completion_length,
+                            paw.show_admissible)
+        return episode_fields(episodes)
+
+    return rollout_func
+
+
+def episode_fields(episodes):
+    """What TRL expects from a rollout_func, plus per-episode extra fields (passed on to rewards and the loss)."""
+    return {
+        "prompt_ids": [e.prompt_ids for e in episodes],
+        "completion_ids": [e.completion_ids for e in episodes],
+        "logprobs": None,
+        "env_mask": [[int(i >= 0) for i in e.action_index] for e in episodes],  # 1 on policy tokens
+        "action_index": [e.action_index for e in episodes],
+        "obs_index": [e.obs_index for e in episodes],
+        "success": [float(e.won) for e in episodes],
+        "invalid_actions": [e.invalid_actions for e in episodes],
+        "num_steps": [len(e.turns) for e in episodes],
+        "env_error": [e.error is not None for e in episodes],
+    }
+
+
+def success(completions, success, **kwargs):
+    """1 if the episode's task was completed, else 0 (R_max = 1)."""
+    return success
+
+
+def make_invalid_action_penalty(coef):
+    def invalid_action_penalty(completions, invalid_actions, **kwargs):
+        return [-coef * n for n in invalid_actions]
+
+    return invalid_action_penalty
+
+
+def load_model(model_args: ModelConfig, training_args: GRPOConfig):
+    """The model and tokenizer, with the base in 4-bit NF4 if asked (`tiny` builds the CPU test model)."""
+    path = tiny_model_path() if model_args.model_name_or_path == TINY_NAME else model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=get_quantization_config(model_args),
+        attn_implementation=model_args.attn_implementation, device_map={"": training_args.device},
+    )
+    return model, tokenizer
+
+
+def parse_args(argv=None):
+    parser = TrlParser((PaWArguments, GRPOConfig, ModelConfig))
+    parser.set_defaults(**default_flags())
+    try:
+        paw, training_args, model_args = parser.parse_args_and_config(argv)
+        if model_args.model_name_or_path == TINY_NAME:
+            parser.set_defaults(**TINY_FLAGS)
+            paw, training_args, model_args = parser.parse_args_and_config(argv)
+        if paw.wm != "off" and training_args.temperature != 1.0:
+            raise ValueError("--wm echo/paw needs --temperature 1.0: the WM loss and the action entropy are defined "
+                             "at temperature 1, and they share the policy forward, whose log-probs TRL computes at "
+                             "--temperature")
+        if training_args.use_vllm:
+            raise ValueError("--use_vllm is not supported: PaW's multi-turn rollouts generate with transformers")
+        if training_args.max_completion_length < paw.max_action_tokens:
+            raise ValueError("--max_completion_length (the whole episode) must be >= --max_action_tokens (one reply)")
+        if paw.task_types and paw.env != "alfworld":
+            raise ValueError("--task_types applies to --env alfworld only")
+    except ValueError as error:
+        parser.error(str(error))  # a clear message and exit code 2, before anything heavy is loaded
+    if training_args.resume_from_checkpoint in ("true", "last"):
+        training_args.resume_from_checkpoint = get_last_checkpoint(training_args.output_dir)
+    return paw, training_args, model_args
+
+
+def main(argv=None):
+    paw, training_args, model_args = parse_args(argv)
+    try:
+        games = list_games(paw.env, paw.train_split, paw.num_train_games, paw.task_types, seed=training_args.seed)
+    except DataMissing as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    model, tokenizer = load_model(model_args, training_args)
+    chat = ChatFormat(tokenizer)
+    trainer = PaWTrainer(
+        model=model,
+        reward_funcs=[success, make_invalid_action_penalty(paw.invalid_action_penalty)],
+        args=training_args,
+        train_dataset=Dataset.from_dict({"prompt": games}),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        rollout_func=make_rollout_func(paw, chat),
+        paw=paw,
+    )
+    if model_args.use_peft:  # TRL stores LoRA weights of a 4-bit model in bf16, which rounds small updates away
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
