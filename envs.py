@@ -5,6 +5,7 @@ parses it itself, so the episode loop (rollout.py) and the trainer know nothing 
 An environment is made from a game id (a string), which is also what a training dataset row holds.
 """
 
+import importlib
 import os
 import random
 import re
@@ -30,7 +31,12 @@ class Step:
 
 class TextEnv(Protocol):
     system_prompt: str
-    task_type: str
+    task_type: str  # for per-type results, e.g. "Pick"
+
+    @staticmethod
+    def games(split: str) -> list[str]: ...  # the game ids of a split
+
+    def __init__(self, game: str): ...
 
     def reset(self) -> Step: ...
 
@@ -142,6 +148,7 @@ class AlfWorldEnv:
     """
 
     system_prompt = ALFWORLD_SYSTEM_PROMPT
+    games = staticmethod(alfworld_games)
 
     def __init__(self, game):
         self.game = game
@@ -180,22 +187,28 @@ class AlfWorldEnv:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Registry: `--env NAME` picks an environment class; it lists its games and is built from one game id.
+# Registry: `--env NAME` names an environment class, loaded on first use. A class lists its games with
+# `games(split)` and is built from one game id.
 # ----------------------------------------------------------------------------------------------------------------
 
-ENVIRONMENTS = {"alfworld": (AlfWorldEnv, alfworld_games)}
+ENVIRONMENTS = {"alfworld": "envs:AlfWorldEnv"}
+
+
+def env_class(env_name):
+    module, name = ENVIRONMENTS[env_name].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def list_games(env_name, split, num_games=0, task_types=None, seed=None):
     """Game ids of a split, optionally filtered by task type and cut to `num_games` (a seeded sample if seed)."""
-    games = ENVIRONMENTS[env_name][1](split)
+    cls = env_class(env_name)
+    games = cls.games(split)
     if task_types:
-        env_class = ENVIRONMENTS[env_name][0]
-        games = [g for g in games if env_class(g).task_type in task_types]
+        games = [g for g in games if cls(g).task_type in task_types]
     if seed is not None:
         games = random.Random(seed).sample(games, len(games))
     return games[:num_games] if num_games else games
 
 
 def make_env(env_name, game):
-    return ENVIRONMENTS[env_name][0](game)
+    return env_class(env_name)(game)

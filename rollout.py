@@ -56,6 +56,7 @@ class Episode:
     last: Step | None = None  # the latest observation, with its admissible actions
     turns: list[dict] = field(default_factory=list)  # per turn: reply, action, observation, reward, valid
     won: bool = False
+    task_return: float = 0.0  # sum of the environment's rewards (ALFWorld: 1 if won)
     finished: bool = False
     truncated: bool = False  # ended by the step or token budget
     error: str | None = None  # the environment raised; the episode counts as failed
@@ -134,7 +135,7 @@ def take_turn(e, t, reply, chat, budget, last_turn, show_admissible):
         return
     e.turns.append({"reply": text, "action": step.action, "observation": step.observation,
                     "reward": step.reward, "valid": step.valid})
-    e.last, e.won = step, e.won or step.won
+    e.last, e.won, e.task_return = step, e.won or step.won, e.task_return + step.reward
     observation = chat.encode(step.observation)
     follow = chat.encode(format_admissible(step.admissible if show_admissible else [])) + chat.assistant_header
     ending = step.done or last_turn or not fits(len(chat.user_header) + len(observation) + len(follow))

@@ -48,7 +48,7 @@ class PaWArguments:
     wm_loss: Literal["cmae", "ce"] | None = field(
         default=None, metadata={"help": "WM token loss (default: cmae for paw, ce for echo)."})
     wm_weighting: Literal["adaptive", "constant"] | None = field(
-        default=None, metadata={"help": "adaptive: beta * clip(1 - group success, 0, 1); constant: beta "
+        default=None, metadata={"help": "adaptive: beta * clip(1 - group mean return, 0, 1); constant: beta "
                                         "(default: adaptive for paw, constant for echo)."})
     max_env_steps: int = field(default=20, metadata={"help": "Actions per episode."})
     max_action_tokens: int = field(default=256, metadata={"help": "Token cap of one reply (think + action)."})
@@ -126,17 +126,17 @@ class PaWTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         # TRY NOT TO MODIFY: TRL merged the rollout's extra fields into `inputs`; carry the per-token transition
-        # indices and each group's success rate into the batch that compute_loss receives.
+        # indices and each group's mean task return into the batch that compute_loss receives.
         output = super()._generate_and_score_completions(inputs)
         device, width = output["completion_ids"].device, output["completion_ids"].size(1)
         for key in ("action_index", "obs_index"):
             output[key] = torch.tensor([row[key] + [-1] * (width - len(row[key])) for row in inputs], device=device)
         group = self.num_generations if self.model.training else self.num_generations_eval
-        success = self.accelerator.gather(torch.tensor([row["success"] for row in inputs], device=device))
-        group_success = success.view(-1, group).mean(dim=1).repeat_interleave(group)
+        returns = self.accelerator.gather(torch.tensor([row["task_return"] for row in inputs], device=device))
+        group_return = returns.view(-1, group).mean(dim=1).repeat_interleave(group)
         rank = self.accelerator.process_index
-        output["group_success"] = group_success[rank * len(inputs):(rank + 1) * len(inputs)]
-        self._log_episodes(inputs, success)
+        output["group_return"] = group_return[rank * len(inputs):(rank + 1) * len(inputs)]
+        self._log_episodes(inputs)
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -154,9 +154,9 @@ class PaWTrainer(GRPOTrainer):
         transition_loss, num_targets = transition_wm_loss(token_loss, obs_index, num_transitions)  # (B, T)
         selected = select_top_alpha(entropy, num_targets > 0, paw.wm_alpha)  # top-alpha by action entropy
         if paw.wm_weighting == "adaptive":
-            weight = adaptive_lambda(inputs["group_success"])  # lambda_g = clip(1 - R_g / R_max, 0, 1)
+            weight = adaptive_lambda(inputs["group_return"])  # lambda_g = clip(1 - R_g / R_max, 0, 1)
         else:
-            weight = torch.ones_like(inputs["group_success"])
+            weight = torch.ones_like(inputs["group_return"])
         wm_loss = wm_objective(transition_loss, selected, weight.unsqueeze(1).to(transition_loss.dtype))
         # TRL's loss is already divided for gradient accumulation; the extra term must divide itself.
         loss = loss + paw.wm_beta * wm_loss / self.current_gradient_accumulation_steps
@@ -174,17 +174,16 @@ class PaWTrainer(GRPOTrainer):
             self._metrics[mode][name].append(self.accelerator.gather(value.detach().float()).mean().item())
         return loss
 
-    def _log_episodes(self, inputs, success):
+    def _log_episodes(self, inputs):
         mode = "train" if self.model.training else "eval"
-        device = success.device
-        steps = torch.tensor([row["num_steps"] for row in inputs], device=device, dtype=torch.float)
-        invalid = torch.tensor([row["invalid_actions"] for row in inputs], device=device, dtype=torch.float)
-        errors = torch.tensor([row["env_error"] for row in inputs], device=device, dtype=torch.float)
-        steps, invalid, errors = (self.accelerator.gather(x) for x in (steps, invalid, errors))
-        self._metrics[mode]["episode/success_rate"].append(success.float().mean().item())
+        stats = {key: self.accelerator.gather(torch.tensor([float(row[key]) for row in inputs],
+                                                           device=self.accelerator.device))
+                 for key in ("success", "num_steps", "invalid_actions", "env_error")}
+        steps, invalid = stats["num_steps"], stats["invalid_actions"]
+        self._metrics[mode]["episode/success_rate"].append(stats["success"].mean().item())
         self._metrics[mode]["episode/length"].append(steps.mean().item())
         self._metrics[mode]["episode/invalid_action_rate"].append((invalid.sum() / steps.sum().clamp(min=1)).item())
-        self._metrics[mode]["episode/env_error_rate"].append(errors.mean().item())
+        self._metrics[mode]["episode/env_error_rate"].append(stats["env_error"].mean().item())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,6 +220,7 @@ def episode_fields(episodes):
         "env_mask": [[int(i >= 0) for i in e.action_index] for e in episodes],  # 1 on policy tokens
         "action_index": [e.action_index for e in episodes],
         "obs_index": [e.obs_index for e in episodes],
+        "task_return": [e.task_return for e in episodes],
         "success": [float(e.won) for e in episodes],
         "invalid_actions": [e.invalid_actions for e in episodes],
         "num_steps": [len(e.turns) for e in episodes],
@@ -228,9 +228,9 @@ def episode_fields(episodes):
     }
 
 
-def success(completions, success, **kwargs):
-    """1 if the episode's task was completed, else 0 (R_max = 1)."""
-    return success
+def task_reward(completions, task_return, **kwargs):
+    """The environment's return for the task, in [0, R_max = 1] (ALFWorld: 1 if the task was completed, else 0)."""
+    return task_return
 
 
 def make_invalid_action_penalty(coef):
@@ -288,7 +288,7 @@ def main(argv=None):
     chat = ChatFormat(tokenizer)
     trainer = PaWTrainer(
         model=model,
-        reward_funcs=[success, make_invalid_action_penalty(paw.invalid_action_penalty)],
+        reward_funcs=[task_reward, make_invalid_action_penalty(paw.invalid_action_penalty)],
         args=training_args,
         train_dataset=Dataset.from_dict({"prompt": games}),
         processing_class=tokenizer,

@@ -12,7 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 from losses import TOKEN_LOSSES
 from rollout import play
 from scripted import ScriptedEnv, scripted_policy
-from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, success
+from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward
 
 GROUP = 4
 # Serial numbers pick each episode's script: the first group wins half its episodes, the second none.
@@ -43,7 +43,7 @@ def train_once(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS,
     """Train one step on the scripted rollouts; return (initial params, update, trainer)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     kwargs = dict(
-        model=model, reward_funcs=[success, make_invalid_action_penalty(0.1)], args=sgd_config(tmp_path, **config),
+        model=model, reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=sgd_config(tmp_path, **config),
         train_dataset=Dataset.from_dict({"prompt": ["room-a", "room-b"]}), processing_class=chat.tokenizer,
         rollout_func=scripted_rollout(chat, serials),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
@@ -74,7 +74,7 @@ def reference_wm_loss(model, episodes, paw):
         entropy = -(logp.exp() * logp).sum(-1).detach()
         token_logp = logp[torch.arange(len(e.completion_ids)), torch.tensor(e.completion_ids)]
         group = episodes[b // GROUP * GROUP:(b // GROUP + 1) * GROUP]
-        lam = min(max(1 - sum(x.won for x in group) / GROUP, 0.0), 1.0) if paw.wm_weighting == "adaptive" else 1.0
+        lam = min(max(1 - sum(x.task_return for x in group) / GROUP, 0.0), 1.0) if paw.wm_weighting == "adaptive" else 1.0
         for t in range(len(e.turns)):
             action = [j for j, i in enumerate(e.action_index) if i == t]
             target = [j for j, i in enumerate(e.obs_index) if i == t]
@@ -133,7 +133,7 @@ def count_forwards(tiny_path, chat, tmp_path, mode):
     calls = []
     model.model.register_forward_hook(lambda *args: calls.append(1))  # the backbone: runs once per model forward
     trainer = PaWTrainer(
-        model=model, reward_funcs=[success], args=sgd_config(tmp_path),
+        model=model, reward_funcs=[task_reward], args=sgd_config(tmp_path),
         train_dataset=Dataset.from_dict({"prompt": ["room-a", "room-b"]}), processing_class=chat.tokenizer,
         rollout_func=scripted_rollout(chat), paw=PaWArguments(wm=mode),
     )
