@@ -6,6 +6,7 @@ An environment is made from a game id (a string), which is also what a training 
 """
 
 import importlib
+import inspect
 import os
 import random
 import re
@@ -34,9 +35,9 @@ class TextEnv(Protocol):
     task_type: str  # for per-type results, e.g. "Pick"
 
     @staticmethod
-    def games(split: str) -> list[str]: ...  # the game ids of a split
+    def games(split: str, **options) -> list[str]: ...  # the game ids of a split
 
-    def __init__(self, game: str): ...
+    def __init__(self, game: str, **options): ...
 
     def reset(self) -> Step: ...
 
@@ -109,11 +110,11 @@ def download_alfworld_games(data_dir, url=ALFWORLD_GAMES_URL, timeout=30):
             z.extractall(data_dir)
 
 
-def alfworld_games(split, data_dir=None):
+def alfworld_games(split):
     """Game files of a split, sorted. Movable-receptacle and sliced-object tasks are skipped, as upstream does."""
     if split not in ALFWORLD_SPLITS:
         raise ValueError(f"unknown ALFWorld split {split!r}; choose one of {', '.join(ALFWORLD_SPLITS)}")
-    data_dir = Path(data_dir) if data_dir else alfworld_data_dir()
+    data_dir = alfworld_data_dir()
     split_dir = data_dir / "json_2.1.1" / ALFWORLD_SPLITS[split]
     if not split_dir.is_dir():
         try:
@@ -199,16 +200,25 @@ def env_class(env_name):
     return getattr(importlib.import_module(module), name)
 
 
-def list_games(env_name, split, num_games=0, task_types=None, seed=None):
-    """Game ids of a split, optionally filtered by task type and cut to `num_games` (a seeded sample if seed)."""
-    cls = env_class(env_name)
-    games = cls.games(split)
+def list_games(env_name, split, num_games=0, task_types=None, seed=None, options=None):
+    """Game ids of a split, optionally filtered by task type and cut to `num_games` (a seeded sample if seed).
+
+    options: the environment's own keyword arguments (`--env_options key=value ...`), given to `games` and to the
+    constructor alike.
+    """
+    cls, options = env_class(env_name), options or {}
+    for accepts in (inspect.signature(cls.games).bind, inspect.signature(cls).bind):
+        try:
+            accepts(split, **options)
+        except TypeError:
+            raise ValueError(f"--env {env_name} takes no option(s) {', '.join(options)}") from None
+    games = cls.games(split, **options)
     if task_types:
-        games = [g for g in games if cls(g).task_type in task_types]
+        games = [g for g in games if cls(g, **options).task_type in task_types]
     if seed is not None:
         games = random.Random(seed).sample(games, len(games))
     return games[:num_games] if num_games else games
 
 
-def make_env(env_name, game):
-    return env_class(env_name)(game)
+def make_env(env_name, game, options=None):
+    return env_class(env_name)(game, **(options or {}))

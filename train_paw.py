@@ -59,6 +59,8 @@ class PaWArguments:
     num_train_games: int = field(default=0, metadata={"help": "Train on a seeded sample of this many games (0: all)."})
     task_types: list[str] | None = field(
         default=None, metadata={"help": "Train only on these task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
+    env_options: list[str] | None = field(
+        default=None, metadata={"help": "The environment's own settings, as key=value pairs (see the README)."})
 
     def __post_init__(self):
         for key, value in MODE_DEFAULTS[self.wm].items():
@@ -76,6 +78,13 @@ class PaWArguments:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        malformed = [option for option in self.env_options or [] if "=" not in option]
+        if malformed:
+            raise ValueError(f"--env_options takes key=value pairs, got {' '.join(malformed)}")
+
+    @property
+    def env_kwargs(self):
+        return dict(option.split("=", 1) for option in self.env_options or [])
 
 
 # The paper's modes (PAW_SPEC §3); an explicit flag overrides its mode's default, which is how ablations are run.
@@ -198,7 +207,7 @@ def make_rollout_func(paw: PaWArguments, chat: ChatFormat):
         generation_config.max_new_tokens = paw.max_action_tokens
         generation_config.eos_token_id = sorted({chat.eot_id, *trainer.eos_token_ids})
         generation_config.use_cache = True
-        envs = [make_env(paw.env, game) for game in prompts]
+        envs = [make_env(paw.env, game, paw.env_kwargs) for game in prompts]
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
@@ -280,8 +289,9 @@ def parse_args(argv=None):
 def main(argv=None):
     paw, training_args, model_args = parse_args(argv)
     try:
-        games = list_games(paw.env, paw.train_split, paw.num_train_games, paw.task_types, seed=training_args.seed)
-    except DataMissing as error:
+        games = list_games(paw.env, paw.train_split, paw.num_train_games, paw.task_types, training_args.seed,
+                           paw.env_kwargs)
+    except (DataMissing, ValueError) as error:  # missing data, an unknown split or environment option
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     model, tokenizer = load_model(model_args, training_args)

@@ -97,6 +97,8 @@ def test_a_killed_run_resumes_from_its_checkpoint(tiny_path, tmp_path, monkeypat
     (["--wm", "dreamer"], "invalid choice: 'dreamer'"),
     (["--temperature", "0.7"], "--wm echo/paw needs --temperature 1.0"),
     (["--task_types", "Sleep"], "invalid choice: 'Sleep'"),
+    (["--env_options", "verbose"], "--env_options takes key=value pairs"),
+    (["--env_options", "verbose=1"], "--env alfworld takes no option(s) verbose"),
 ])
 def test_bad_flags_fail_fast_with_a_clear_message(args, message):
     result = run(["--model_name_or_path", "tiny", *args])
