@@ -33,6 +33,7 @@ class Step:
 class TextEnv(Protocol):
     system_prompt: str
     task_type: str  # for per-type results, e.g. "Pick"
+    walkthrough: list[str]  # after reset: replies that solve the game (for the expert policy and tests)
 
     @staticmethod
     def games(split: str, **options) -> list[str]: ...  # the game ids of a split
@@ -43,6 +44,8 @@ class TextEnv(Protocol):
 
     def step(self, reply: str) -> Step: ...
 
+    def random_reply(self, seed: int) -> str: ...  # a random legal reply now (the random-policy floor)
+
     def close(self) -> None: ...
 
 
@@ -52,7 +55,7 @@ def format_admissible(actions):
 
 
 ACTION_PATTERN = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
-MAX_ACTION_CHARS = 200
+MAX_ACTION_CHARS = 500
 
 
 def parse_action(reply):
@@ -166,7 +169,7 @@ class AlfWorldEnv:
         self.close()
         self._engine = textworld.start(self.game, request_infos=infos, wrappers=[AlfredDemangler(), AlfredInfos])
         state = self._engine.reset()
-        self.walkthrough = list(state.get("extra.walkthrough") or [])
+        self.walkthrough = [f"<action>{action}</action>" for action in state.get("extra.walkthrough") or []]
         self._admissible = list(state["admissible_commands"])
         observation = state["feedback"].replace("-= Welcome to TextWorld, ALFRED! =-", "").strip()
         return Step(observation, self._admissible)
@@ -181,6 +184,9 @@ class AlfWorldEnv:
         won = bool(state["won"])
         return Step(state["feedback"].strip(), self._admissible, float(won), done or won, won, action, action in shown)
 
+    def random_reply(self, seed):
+        return f"<action>{random.Random(seed).choice(self._admissible)}</action>"
+
     def close(self):
         if self._engine is not None:
             self._engine.close()
@@ -192,7 +198,7 @@ class AlfWorldEnv:
 # `games(split)` and is built from one game id.
 # ----------------------------------------------------------------------------------------------------------------
 
-ENVIRONMENTS = {"alfworld": "envs:AlfWorldEnv"}
+ENVIRONMENTS = {"alfworld": "envs:AlfWorldEnv", "webshop": "webshop:WebShopEnv", "search": "search_qa:SearchQAEnv"}
 
 
 def env_class(env_name):

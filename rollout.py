@@ -13,6 +13,7 @@ advance in lock step: one policy call (one batched `generate`) per turn over eve
 import random
 import re
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -53,6 +54,7 @@ class Episode:
     completion_ids: list[int] = field(default_factory=list)
     action_index: list[int] = field(default_factory=list)  # policy tokens of turn t -> t, else -1
     obs_index: list[int] = field(default_factory=list)  # raw text of o_{t+1} -> t, else -1
+    first_observation: str = ""  # o_1, shown in the prompt
     last: Step | None = None  # the latest observation, with its admissible actions
     turns: list[dict] = field(default_factory=list)  # per turn: reply, action, observation, reward, valid
     won: bool = False
@@ -75,68 +77,95 @@ class Episode:
         self.obs_index += [obs_index] * len(ids)
 
 
-def start_episode(env, chat, show_admissible=True):
+def call_all(envs, method, arguments=None):
+    """`env.method(*args)` for every environment: the results, with an exception in place of a failed call's result.
+
+    Environments in worker processes (env_workers.RemoteEnv) all start before the first is waited for.
+    """
+    calls = []
+    for env, args in zip(envs, arguments or [()] * len(envs)):
+        calls.append(env.submit(method, *args) if hasattr(env, "submit") else partial(getattr(env, method), *args))
+    results = []
+    for call in calls:
+        try:
+            results.append(call())
+        except Exception as error:  # a broken game ends only its own episode
+            results.append(error)
+    return results
+
+
+def start_episode(env, first, chat, show_admissible):
+    """The episode's prompt from the first observation (or, if reset failed, a placeholder that is never trained)."""
     episode = Episode(env)
-    try:
-        first = env.reset()
-    except Exception as error:  # a broken game ends only its own episode
+    if isinstance(first, Exception):
         episode.prompt_ids = chat.encode(chat.prompt(env.system_prompt, "The environment failed to start."))
         episode.append([chat.eot_id])  # TRL needs a non-empty completion; it carries no policy token
-        episode.error, episode.finished = f"reset: {type(error).__name__}: {error}", True
+        episode.error, episode.finished = f"reset: {type(first).__name__}: {first}", True
         return episode
-    episode.last = first
+    episode.last, episode.first_observation = first, first.observation
     episode.prompt_ids = chat.encode(chat.prompt(env.system_prompt, first.observation + format_admissible(
         first.admissible if show_admissible else [])))
     return episode
 
 
-def play(envs, policy, chat, max_steps, max_tokens=None, show_admissible=True):
+def play(envs, policy, chat, max_steps, max_tokens=None, show_admissible=True, max_observation_tokens=None):
     """Run one episode per environment to the end; return the episodes.
 
     policy(episodes) -> one list of reply token ids per episode (it sees `episode.context_ids`).
     max_steps: actions per episode. max_tokens: cap on each episode's completion length, in tokens.
+    max_observation_tokens: each observation is cut to this many tokens (what the agent sees is the WM target).
+    Each turn: one policy call for every live episode, then every live environment steps (in parallel when the
+    environments live in worker processes).
     """
-    episodes = [start_episode(env, chat, show_admissible) for env in envs]
+    episodes = [start_episode(env, first, chat, show_admissible)
+                for env, first in zip(envs, call_all(envs, "reset"))]
     budget = max_tokens if max_tokens is not None else float("inf")
     for t in range(max_steps):
-        live = [e for e in episodes if not e.finished]
-        for e in live:
-            if len(e.completion_ids) >= budget:
+        for e in episodes:
+            if not e.finished and len(e.completion_ids) >= budget:
                 e.finished = e.truncated = True
-        live = [e for e in live if not e.finished]
+        live = [e for e in episodes if not e.finished]
         if not live:
             break
-        for e, reply in zip(live, policy(live)):
-            take_turn(e, t, reply, chat, budget, last_turn=t == max_steps - 1, show_admissible=show_admissible)
+        texts = [add_reply(e, t, reply, chat, budget) for e, reply in zip(live, policy(live))]
+        acting = [(e, text) for e, text in zip(live, texts) if text is not None]
+        steps = call_all([e.env for e, _ in acting], "step", [(text,) for _, text in acting])
+        for (e, text), step in zip(acting, steps):
+            add_observation(e, t, text, step, chat, budget, t == max_steps - 1, show_admissible,
+                            max_observation_tokens)
     for e in episodes:
         e.finished = True
-        e.env.close()
+    call_all(envs, "close")
     return episodes
 
 
-def take_turn(e, t, reply, chat, budget, last_turn, show_admissible):
-    def fits(n):
-        return len(e.completion_ids) + n <= budget
-
+def add_reply(e, t, reply, chat, budget):
+    """Append the policy's reply; return its text for the environment, or None if the token budget ended it."""
     closed = reply[-1:] == [chat.eot_id]
-    if not fits(len(reply) + (not closed)):  # the reply overflows the token budget: keep what fits, stop
+    if len(e.completion_ids) + len(reply) + (not closed) > budget:  # keep what fits, stop before acting
         e.append(reply[: max(0, budget - len(e.completion_ids))], action_index=t)
         e.finished = e.truncated = True
-        return
+        return None
     e.append(reply, action_index=t)
     if not closed:  # cut off at the per-turn token cap: close the turn, without making it a policy token
         e.append([chat.eot_id])
-    text = chat.tokenizer.decode(reply, skip_special_tokens=True)
-    try:
-        step = e.env.step(text)
-    except Exception as error:  # a crashing environment ends only this episode, as a failure
+    return chat.tokenizer.decode(reply, skip_special_tokens=True)
+
+
+def add_observation(e, t, text, step, chat, budget, last_turn, show_admissible, max_observation_tokens):
+    """Record the environment's answer and append o_{t+1} (the WM target), then the next assistant header."""
+    if isinstance(step, Exception):  # a crashing environment ends only this episode, as a failure
         e.turns.append({"reply": text, "action": None, "observation": None, "reward": 0.0, "valid": False})
-        e.error, e.finished = f"step {t}: {type(error).__name__}: {error}", True
+        e.error, e.finished = f"step {t}: {type(step).__name__}: {step}", True
         return
     e.turns.append({"reply": text, "action": step.action, "observation": step.observation,
                     "reward": step.reward, "valid": step.valid})
     e.last, e.won, e.task_return = step, e.won or step.won, e.task_return + step.reward
-    observation = chat.encode(step.observation)
+
+    def fits(n):
+        return len(e.completion_ids) + n <= budget
+
+    observation = chat.encode(step.observation)[:max_observation_tokens]
     follow = chat.encode(format_admissible(step.admissible if show_admissible else [])) + chat.assistant_header
     ending = step.done or last_turn or not fits(len(chat.user_header) + len(observation) + len(follow))
     e.finished, e.truncated = ending, ending and not step.done
@@ -183,11 +212,20 @@ def text_policy(chat, choose):
 
 
 def expert_policy(chat):
-    """Replays each game's stored walkthrough (ALFWorld's expert solution)."""
-    return text_policy(chat, lambda e: f"<action>{e.env.walkthrough[len(e.turns)]}</action>")
+    """Replays each game's walkthrough: the replies that solve it (ALFWorld: its stored expert solution)."""
+    return text_policy(chat, lambda e: e.env.walkthrough[len(e.turns)])
 
 
 def random_policy(chat, seed):
-    """Picks a uniformly random admissible action: the floor any learning agent must beat."""
+    """Each environment's own random legal reply (ALFWorld: a uniformly random admissible action): the floor any
+    learning agent must beat. Seeded per reply, so the result does not depend on where the environments run."""
     rng = random.Random(seed)
-    return text_policy(chat, lambda e: f"<action>{rng.choice(e.last.admissible)}</action>")
+
+    def policy(episodes):
+        texts = call_all([e.env for e in episodes], "random_reply", [(rng.randrange(2**32),) for _ in episodes])
+        for text in texts:
+            if isinstance(text, Exception):
+                raise text
+        return [chat.encode(text) + [chat.eot_id] for text in texts]
+
+    return policy

@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
+from env_workers import EnvWorkers
 from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, make_env
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
 from rollout import ChatFormat, ModelPolicy, play
@@ -52,6 +53,8 @@ class PaWArguments:
                                         "(default: adaptive for paw, constant for echo)."})
     max_env_steps: int = field(default=20, metadata={"help": "Actions per episode."})
     max_action_tokens: int = field(default=256, metadata={"help": "Token cap of one reply (think + action)."})
+    max_observation_tokens: int = field(
+        default=512, metadata={"help": "Each observation is cut to this many tokens (ALFWorld's longest: ~120)."})
     show_admissible: bool = field(default=True, metadata={"help": "List the admissible actions in each turn."})
     invalid_action_penalty: float = field(
         default=0.1, metadata={"help": "Reward penalty per unparseable or inadmissible action."})
@@ -59,6 +62,9 @@ class PaWArguments:
     num_train_games: int = field(default=0, metadata={"help": "Train on a seeded sample of this many games (0: all)."})
     task_types: list[str] | None = field(
         default=None, metadata={"help": "Train only on these task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
+    env_workers: int = field(
+        default=min(8, os.cpu_count() or 1),
+        metadata={"help": "Processes that run environment resets and steps in parallel (0: in the main process)."})
     env_options: list[str] | None = field(
         default=None, metadata={"help": "The environment's own settings, as key=value pairs (see the README)."})
 
@@ -72,8 +78,10 @@ class PaWArguments:
             (self.wm_beta >= 0, f"--wm_beta must be >= 0, got {self.wm_beta}"),
             (self.max_env_steps >= 1, f"--max_env_steps must be >= 1, got {self.max_env_steps}"),
             (self.max_action_tokens >= 1, f"--max_action_tokens must be >= 1, got {self.max_action_tokens}"),
+            (self.max_observation_tokens >= 1, "--max_observation_tokens must be >= 1"),
             (self.invalid_action_penalty >= 0, "--invalid_action_penalty must be >= 0"),
             (self.num_train_games >= 0, "--num_train_games must be >= 0"),
+            (self.env_workers >= 0, "--env_workers must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,18 +103,24 @@ MODE_DEFAULTS = {
 }
 
 
+def hardware_dtype():
+    """bfloat16 on GPUs that have it, float16 on older GPUs (T4), float32 on CPU."""
+    if not torch.cuda.is_available():
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
 def default_flags():
     """Defaults of the design card: Qwen2.5-7B-Instruct in NF4 with LoRA on all linear layers, on one GPU."""
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    dtype = hardware_dtype()
     return dict(
         model_name_or_path="Qwen/Qwen2.5-7B-Instruct", use_peft=True, lora_target_modules="all-linear",
         lora_dropout=0.0, load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
-        bf16=bf16, fp16=cuda and not bf16, dtype="bfloat16" if bf16 else "float16" if cuda else "float32",
+        bf16=dtype == "bfloat16", fp16=dtype == "float16", dtype=dtype,
         learning_rate=1e-5,  # LoRA needs ~10x the full fine-tuning rate (1e-6 in GiGPO/verl-agent)
         num_generations=8, per_device_train_batch_size=4, gradient_accumulation_steps=4,  # 2 games x 8 per step
         max_completion_length=6144, max_steps=200, logging_steps=1, save_steps=25, disable_dropout=True,
-        report_to="none", output_dir="runs/paw", dataloader_pin_memory=cuda,
+        report_to="none", output_dir="runs/paw", dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -200,21 +214,22 @@ class PaWTrainer(GRPOTrainer):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_rollout_func(paw: PaWArguments, chat: ChatFormat):
+def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers | None):
     def rollout_func(prompts, trainer):
         """prompts: one game id per episode; TRL has repeated each game num_generations times (the group)."""
         generation_config = copy.deepcopy(trainer.generation_config)
         generation_config.max_new_tokens = paw.max_action_tokens
         generation_config.eos_token_id = sorted({chat.eot_id, *trainer.eos_token_ids})
         generation_config.use_cache = True
-        envs = [make_env(paw.env, game, paw.env_kwargs) for game in prompts]
+        make = workers.make if workers else make_env
+        envs = [make(paw.env, game, paw.env_kwargs) for game in prompts]
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
         ) as model:
             policy = ModelPolicy(model, chat, generation_config)
             episodes = play(envs, policy, chat, paw.max_env_steps, trainer.args.max_completion_length,
-                            paw.show_admissible)
+                            paw.show_admissible, paw.max_observation_tokens)
         return episode_fields(episodes)
 
     return rollout_func
@@ -249,14 +264,14 @@ def make_invalid_action_penalty(coef):
     return invalid_action_penalty
 
 
-def load_model(model_args: ModelConfig, training_args: GRPOConfig):
+def load_model(model_args: ModelConfig, device):
     """The model and tokenizer, with the base in 4-bit NF4 if asked (`tiny` builds the CPU test model)."""
     path = tiny_model_path() if model_args.model_name_or_path == TINY_NAME else model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=get_quantization_config(model_args),
-        attn_implementation=model_args.attn_implementation, device_map={"": training_args.device},
+        attn_implementation=model_args.attn_implementation, device_map={"": device},
     )
     return model, tokenizer
 
@@ -294,7 +309,8 @@ def main(argv=None):
     except (DataMissing, ValueError) as error:  # missing data, an unknown split or environment option
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    model, tokenizer = load_model(model_args, training_args)
+    workers = EnvWorkers(paw.env_workers) if paw.env_workers else None  # forked before the model loads: small
+    model, tokenizer = load_model(model_args, training_args.device)
     chat = ChatFormat(tokenizer)
     trainer = PaWTrainer(
         model=model,
@@ -303,14 +319,18 @@ def main(argv=None):
         train_dataset=Dataset.from_dict({"prompt": games}),
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        rollout_func=make_rollout_func(paw, chat),
+        rollout_func=make_rollout_func(paw, chat, workers),
         paw=paw,
     )
     if model_args.use_peft:  # TRL stores LoRA weights of a 4-bit model in bf16, which rounds small updates away
         for parameter in trainer.model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        if workers:
+            workers.close()
     trainer.save_model(training_args.output_dir)
     return trainer
 

@@ -11,6 +11,7 @@ class ScriptedEnv:
 
     system_prompt = "You are in a test room."
     task_type = "Pick"
+    walkthrough = ["<action>open box</action>", "<action>take key from box</action>"]
 
     def __init__(self, game, serial=0, fail_at=None):
         self.game, self.serial, self.fail_at = game, serial, fail_at

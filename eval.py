@@ -1,0 +1,244 @@
+"""Evaluate an agent with the same episode loop as training, and write results nobody can misread.
+
+    python eval.py --env alfworld --split eval_out_of_distribution --model_name_or_path Qwen/Qwen2.5-7B-Instruct \\
+        --load_in_4bit --adapter runs/paw
+    python eval.py --env alfworld --split eval_out_of_distribution --policy expert   # replays walkthroughs: 100%
+    python eval.py --env alfworld --split eval_out_of_distribution --policy random   # the floor
+
+Writes OUT.json (the summary), OUT.jsonl (every trajectory) and prints a markdown table whose caption names the
+split. `--wm_eval` adds how well the model predicts each next observation (PaW's world model).
+"""
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+from trl import ModelConfig
+
+from env_workers import EnvWorkers
+from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, list_games, make_env
+from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
+from tiny_model import tiny_model_path
+from train_paw import hardware_dtype, load_model
+
+SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="alfworld", choices=list(ENVIRONMENTS))
+    parser.add_argument("--split", default="eval_out_of_distribution", choices=SPLITS,
+                        help="ALFWorld: eval_in_distribution = valid_seen, eval_out_of_distribution = valid_unseen")
+    parser.add_argument("--policy", default="model", choices=["model", "expert", "random"],
+                        help="expert replays each game's stored walkthrough; random picks an admissible action")
+    parser.add_argument("--model_name_or_path", help="a Hub id or folder, or `tiny` (required for --policy model)")
+    parser.add_argument("--adapter", help="folder of a LoRA adapter trained by train_paw.py")
+    parser.add_argument("--load_in_4bit", action="store_true", help="load the base model in NF4")
+    parser.add_argument("--dtype", default=hardware_dtype(), choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--num_runs", type=int, default=1, help="repeats with seeds seed, seed+1, ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_games", type=int, help="evaluate a fixed seeded sample of this many games")
+    parser.add_argument("--batch_size", type=int, default=16, help="games played at once (one generate per turn)")
+    parser.add_argument("--max_env_steps", type=int, default=50, help="actions per episode (50 in the literature)")
+    parser.add_argument("--max_action_tokens", type=int, default=256)
+    parser.add_argument("--max_completion_length", type=int, default=16384,
+                        help="token cap of a whole episode for --policy model (expert and random have none)")
+    parser.add_argument("--max_observation_tokens", type=int, default=512,
+                        help="each observation is cut to this many tokens, as in training")
+    parser.add_argument("--show_admissible", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    parser.add_argument("--env_options", nargs="*", default=[], help="the environment's key=value settings")
+    parser.add_argument("--env_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that run environment resets and steps in parallel (0: none)")
+    parser.add_argument("--wm_eval", action="store_true",
+                        help="also report next-observation NLL per token and top-1 accuracy")
+    parser.add_argument("--output", default="eval_results/result", help="writes OUTPUT.json and OUTPUT.jsonl")
+    args = parser.parse_args(argv)
+
+    if args.policy == "model" and not args.model_name_or_path:
+        parser.error("--policy model needs --model_name_or_path")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        parser.error(f"--adapter {args.adapter}: no adapter_config.json there (is it the run's --output_dir?)")
+    if args.wm_eval and args.policy != "model":
+        parser.error("--wm_eval measures a model: it needs --policy model")
+    for name in ("num_runs", "batch_size", "max_env_steps", "max_action_tokens", "max_observation_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.env_workers < 0:
+        parser.error("--env_workers must be >= 0")
+    if args.num_games is not None and args.num_games < 1:
+        parser.error("--num_games must be >= 1 (leave it out to evaluate every game of the split)")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    if any("=" not in option for option in args.env_options):
+        parser.error("--env_options takes key=value pairs")
+    args.env_kwargs = dict(option.split("=", 1) for option in args.env_options)
+    try:
+        args.games = list_games(args.env, args.split, args.num_games or 0, seed=0 if args.num_games else None,
+                                options=args.env_kwargs)
+    except (DataMissing, ValueError) as error:
+        parser.error(str(error))
+    return args
+
+
+def load(args):
+    """The chat format, and the model (None for expert and random, which use the tiny tokenizer's format)."""
+    if args.policy != "model":
+        return ChatFormat(AutoTokenizer.from_pretrained(tiny_model_path())), None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_args = ModelConfig(model_name_or_path=args.model_name_or_path, dtype=args.dtype,
+                             load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
+    model, tokenizer = load_model(model_args, device)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    return ChatFormat(tokenizer), model.eval()
+
+
+def make_policy(args, chat, model, seed):
+    if args.policy == "expert":
+        return expert_policy(chat)
+    if args.policy == "random":
+        return random_policy(chat, seed)
+    stops = model.generation_config.eos_token_id
+    config = GenerationConfig(
+        max_new_tokens=args.max_action_tokens, do_sample=args.temperature > 0, use_cache=True,
+        temperature=args.temperature or None, top_p=args.top_p if args.temperature > 0 else None,
+        pad_token_id=chat.tokenizer.pad_token_id,
+        eos_token_id=sorted({chat.eot_id, *([stops] if isinstance(stops, int) else stops or [])}),
+    )
+    return ModelPolicy(model, chat, config)
+
+
+def run_episodes(args, chat, model, workers, seed, progress):
+    torch.manual_seed(seed)
+    policy = make_policy(args, chat, model, seed)
+    max_tokens = args.max_completion_length if args.policy == "model" else None
+    make = workers.make if workers else make_env
+    episodes = []
+    for start in range(0, len(args.games), args.batch_size):
+        envs = [make(args.env, game, args.env_kwargs) for game in args.games[start:start + args.batch_size]]
+        episodes += play(envs, policy, chat, args.max_env_steps, max_tokens, args.show_admissible,
+                         args.max_observation_tokens)
+        progress.update(len(envs))
+    return episodes
+
+
+@torch.no_grad()
+def wm_diagnostic(model, episodes):
+    """Next-observation prediction quality: mean NLL per observation token and top-1 accuracy (temperature 1).
+
+    Only the logits at observation positions are computed (`logits_to_keep`), never the whole (L, vocab) matrix.
+    """
+    nll, correct, count = 0.0, 0, 0
+    for e in episodes:
+        positions = [len(e.prompt_ids) + j for j, t in enumerate(e.obs_index) if t >= 0]
+        if not positions:
+            continue
+        ids = torch.tensor([e.context_ids], device=model.device)
+        keep = torch.tensor(positions, device=model.device) - 1  # the logits at i predict token i + 1
+        logp = torch.log_softmax(model(input_ids=ids, logits_to_keep=keep).logits[0].float(), dim=-1)
+        targets = ids[0, positions]
+        nll -= logp.gather(1, targets.unsqueeze(1)).sum().item()
+        correct += (logp.argmax(-1) == targets).sum().item()
+        count += len(positions)
+    return {"nll_per_token": nll / max(count, 1), "top1_accuracy": correct / max(count, 1), "tokens": count}
+
+
+def mean_std(values):
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "runs": values}
+
+
+def summarize(args, runs, seeds):
+    """runs: one list of episodes per seed, in the order of args.games."""
+    def rate(episodes, key):
+        return sum(key(e) for e in episodes) / max(len(episodes), 1)
+
+    types = sorted({e.env.task_type for e in runs[0]})
+    steps = [sum(len(e.turns) for e in eps) for eps in runs]
+    return {
+        "env": args.env, "split": args.split, "split_folder": ALFWORLD_SPLITS[args.split] if args.env == "alfworld"
+        else args.split, "num_games": len(args.games), "policy": args.policy, "model": args.model_name_or_path,
+        "adapter": args.adapter, "temperature": args.temperature, "max_env_steps": args.max_env_steps,
+        "seeds": seeds,
+        "success_rate": mean_std([rate(eps, lambda e: e.won) for eps in runs]),
+        "score": mean_std([100 * rate(eps, lambda e: e.task_return) for eps in runs]),
+        "avg_steps": mean_std([rate(eps, lambda e: len(e.turns)) for eps in runs]),
+        "invalid_action_rate": mean_std([sum(e.invalid_actions for e in eps) / max(n, 1)
+                                         for eps, n in zip(runs, steps)]),
+        "env_errors": sum(e.error is not None for eps in runs for e in eps),
+        "per_task_type": {
+            t: {"games": sum(e.env.task_type == t for e in runs[0]),
+                "success_rate": mean_std([rate([e for e in eps if e.env.task_type == t], lambda e: e.won)
+                                          for eps in runs])}
+            for t in types
+        },
+    }
+
+
+def trajectory(e, run, seed):
+    return {"run": run, "seed": seed, "game": e.env.game, "task_type": e.env.task_type, "won": e.won,
+            "task_return": e.task_return, "steps": len(e.turns), "invalid_actions": e.invalid_actions,
+            "truncated": e.truncated, "error": e.error, "first_observation": e.first_observation, "turns": e.turns}
+
+
+def markdown(summary):
+    def pct(stat):
+        return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+    folder = f" ({summary['split_folder']})" if summary["split_folder"] != summary["split"] else ""
+    who = summary["model"] or summary["policy"]
+    lines = [
+        f"**{summary['env']} {summary['split']}{folder}**, {summary['num_games']} games, policy {summary['policy']}"
+        f" ({who}{', adapter ' + summary['adapter'] if summary['adapter'] else ''}), "
+        f"{len(summary['seeds'])} run(s), success % (mean ± std over runs)", "",
+        "| task type | games | success % |", "|---|---|---|",
+    ]
+    lines += [f"| {t} | {v['games']} | {pct(v['success_rate'])} |" for t, v in summary["per_task_type"].items()]
+    lines += [f"| **all** | {summary['num_games']} | {pct(summary['success_rate'])} |", "",
+              f"score {summary['score']['mean']:.1f}, average steps {summary['avg_steps']['mean']:.1f}, "
+              f"invalid actions {pct(summary['invalid_action_rate'])} %, environment errors {summary['env_errors']}"]
+    if "wm_eval" in summary:
+        wm = summary["wm_eval"]
+        lines.append(f"world model: next-observation NLL {wm['nll_per_token']:.3f} nats/token, top-1 accuracy "
+                     f"{100 * wm['top1_accuracy']:.1f} % over {wm['tokens']} tokens")
+    return "\n".join(lines)
+
+
+def evaluate(args):
+    workers = EnvWorkers(args.env_workers) if args.env_workers else None  # forked before the model loads: small
+    chat, model = load(args)
+    seeds = [args.seed + k for k in range(args.num_runs)]
+    with tqdm(total=len(args.games) * len(seeds), desc="games", unit="game") as progress:
+        runs = [run_episodes(args, chat, model, workers, seed, progress) for seed in seeds]
+    if workers:
+        workers.close()
+    summary = summarize(args, runs, seeds)
+    if args.wm_eval:
+        summary["wm_eval"] = wm_diagnostic(model, [e for eps in runs for e in eps])
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    with open(output.with_suffix(".jsonl"), "w") as f:
+        for run, (seed, episodes) in enumerate(zip(seeds, runs)):
+            for e in episodes:
+                f.write(json.dumps(trajectory(e, run, seed)) + "\n")
+    print(markdown(summary))
+    return summary
+
+
+def main(argv=None):
+    return evaluate(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
