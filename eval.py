@@ -31,6 +31,12 @@ from train_paw import hardware_dtype, load_model
 SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
 
 
+def boolean(text):
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="alfworld", choices=list(ENVIRONMENTS))
@@ -54,7 +60,9 @@ def parse_args(argv=None):
                         help="token cap of a whole episode for --policy model (expert and random have none)")
     parser.add_argument("--max_observation_tokens", type=int, default=512,
                         help="each observation is cut to this many tokens, as in training")
-    parser.add_argument("--show_admissible", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    parser.add_argument("--show_admissible", type=boolean, default=True)
+    parser.add_argument("--reuse_cache", type=boolean, default=True,
+                        help="keep each episode's KV cache between turns instead of re-reading its history")
     parser.add_argument("--env_options", nargs="*", default=[], help="the environment's key=value settings")
     parser.add_argument("--env_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes that run environment resets and steps in parallel (0: none)")
@@ -116,7 +124,7 @@ def make_policy(args, chat, model, seed):
         pad_token_id=chat.tokenizer.pad_token_id,
         eos_token_id=sorted({chat.eot_id, *([stops] if isinstance(stops, int) else stops or [])}),
     )
-    return ModelPolicy(model, chat, config)
+    return ModelPolicy(model, chat, config, args.reuse_cache)
 
 
 def run_episodes(args, chat, model, workers, seed, progress):

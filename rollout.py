@@ -10,12 +10,14 @@ the policy mask) and `obs_index` (t on the raw text of o_{t+1}, else -1: the wor
 advance in lock step: one policy call (one batched `generate`) per turn over every episode still running.
 """
 
+import copy
 import random
 import re
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from transformers import DynamicCache, LogitsProcessor
 
 from envs import Step, TextEnv, format_admissible
 
@@ -54,6 +56,8 @@ class Episode:
     completion_ids: list[int] = field(default_factory=list)
     action_index: list[int] = field(default_factory=list)  # policy tokens of turn t -> t, else -1
     obs_index: list[int] = field(default_factory=list)  # raw text of o_{t+1} -> t, else -1
+    logprobs: list[float] | None = field(default_factory=list)  # sampling log-prob of policy tokens, else 0.0;
+    # None once a reply came from a policy that records none (scripted, expert, random)
     first_observation: str = ""  # o_1, shown in the prompt
     last: Step | None = None  # the latest observation, with its admissible actions
     turns: list[dict] = field(default_factory=list)  # per turn: reply, action, observation, reward, valid
@@ -71,10 +75,16 @@ class Episode:
     def invalid_actions(self):
         return sum(not turn["valid"] for turn in self.turns)
 
-    def append(self, ids, action_index=-1, obs_index=-1):
+    def append(self, ids, action_index=-1, obs_index=-1, logprobs=None):
         self.completion_ids += ids
         self.action_index += [action_index] * len(ids)
         self.obs_index += [obs_index] * len(ids)
+        if self.logprobs is None:
+            return
+        if action_index >= 0 and logprobs is None:
+            self.logprobs = None
+        else:
+            self.logprobs += logprobs if action_index >= 0 else [0.0] * len(ids)
 
 
 def call_all(envs, method, arguments=None):
@@ -127,7 +137,9 @@ def play(envs, policy, chat, max_steps, max_tokens=None, show_admissible=True, m
         live = [e for e in episodes if not e.finished]
         if not live:
             break
-        texts = [add_reply(e, t, reply, chat, budget) for e, reply in zip(live, policy(live))]
+        replies = policy(live)
+        logprobs = getattr(policy, "last_logprobs", None) or [None] * len(live)
+        texts = [add_reply(e, t, reply, lp, chat, budget) for e, reply, lp in zip(live, replies, logprobs)]
         acting = [(e, text) for e, text in zip(live, texts) if text is not None]
         steps = call_all([e.env for e, _ in acting], "step", [(text,) for _, text in acting])
         for (e, text), step in zip(acting, steps):
@@ -139,14 +151,15 @@ def play(envs, policy, chat, max_steps, max_tokens=None, show_admissible=True, m
     return episodes
 
 
-def add_reply(e, t, reply, chat, budget):
+def add_reply(e, t, reply, logprobs, chat, budget):
     """Append the policy's reply; return its text for the environment, or None if the token budget ended it."""
     closed = reply[-1:] == [chat.eot_id]
     if len(e.completion_ids) + len(reply) + (not closed) > budget:  # keep what fits, stop before acting
-        e.append(reply[: max(0, budget - len(e.completion_ids))], action_index=t)
+        room = max(0, budget - len(e.completion_ids))
+        e.append(reply[:room], action_index=t, logprobs=None if logprobs is None else logprobs[:room])
         e.finished = e.truncated = True
         return None
-    e.append(reply, action_index=t)
+    e.append(reply, action_index=t, logprobs=logprobs)
     if not closed:  # cut off at the per-turn token cap: close the turn, without making it a policy token
         e.append([chat.eot_id])
     return chat.tokenizer.decode(reply, skip_special_tokens=True)
@@ -181,29 +194,91 @@ def add_observation(e, t, text, step, chat, budget, last_turn, show_admissible, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ModelPolicy:
-    """Samples one reply per live episode with a single batched `generate` call (left padding)."""
+class RecordLogprobs(LogitsProcessor):
+    """Records each sampled token's log-probability at the sampling temperature (before top-k/top-p filters: what
+    TRL's training forward computes). It sees step t's scores, and at step t + 1 the token chosen from them."""
 
-    def __init__(self, model, chat, generation_config):
-        self.model, self.chat, self.generation_config = model, chat, generation_config
+    def __init__(self, temperature):
+        self.temperature, self.scores, self.logprobs = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        self._take(input_ids[:, -1])
+        self.scores = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens):
+        if self.scores is not None:
+            self.logprobs.append(self.scores.gather(1, tokens.unsqueeze(1)).squeeze(1))
+
+    def finish(self, last_tokens):
+        self._take(last_tokens)
+        return torch.stack(self.logprobs, dim=1).tolist()
+
+
+class ModelPolicy:
+    """Samples one reply per live episode with a single batched `generate` call, and records its log-probs.
+
+    With `reuse_cache`, each episode's attention (KV) cache is kept from one turn to the next: a turn prefills only
+    the tokens added since (the environment's answer), not the whole history, which would cost O(T^2) over T turns.
+    Each turn the kept caches of the live episodes are gathered into one left-padded batch, so finished episodes
+    leave it; a row reads [padding | cached tokens | padding | new tokens], and positions come from the attention
+    mask, so every token keeps the position (and RoPE rotation) it would have in a fresh forward pass.
+    """
+
+    def __init__(self, model, chat, generation_config, reuse_cache=True):
+        self.model, self.chat, self.reuse_cache = model, chat, reuse_cache
+        self.generation_config = copy.deepcopy(generation_config)
+        self.generation_config.return_dict_in_generate = True  # to get the cache back
         stops = generation_config.eos_token_id
         self.stop_ids = {chat.eot_id, *([stops] if isinstance(stops, int) else stops or [])}
+        self.cache, self.kept = None, {}  # id(episode) -> (row in self.cache, cache positions, their token ids)
+        self.prefilled = 0  # tokens run through the model before generating (prompt or history), for bench.py
+        self.last_logprobs = []
+
+    def _reusable(self, episode):
+        row, positions, ids = self.kept.get(id(episode), (None, [], []))
+        return (row, positions) if episode.context_ids[: len(ids)] == ids else (None, [])
 
     @torch.no_grad()
     def __call__(self, episodes):
         contexts = [e.context_ids for e in episodes]
-        width = max(map(len, contexts))
-        pad_id = self.chat.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=self.model.device)
-        attention_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
-                                      device=self.model.device)
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     generation_config=self.generation_config)
-        replies = []
-        for row in output[:, width:].tolist():
+        kept = [self._reusable(e) for e in episodes]
+        cached = [len(positions) for _, positions in kept]
+        width, extra = max(cached), max(len(c) - k for c, k in zip(contexts, cached))
+        pad = self.chat.tokenizer.pad_token_id
+        rows = [[pad] * (width - k) + c[:k] + [pad] * (extra - len(c) + k) + c[k:] for c, k in zip(contexts, cached)]
+        mask = [[0] * (width - k) + [1] * k + [0] * (extra - len(c) + k) + [1] * (len(c) - k)
+                for c, k in zip(contexts, cached)]
+        device = self.model.device
+        recorder = RecordLogprobs(self.generation_config.temperature or 1.0)
+        output = self.model.generate(
+            input_ids=torch.tensor(rows, device=device), attention_mask=torch.tensor(mask, device=device),
+            past_key_values=self._gather(kept, width) if width else None, generation_config=self.generation_config,
+            logits_processor=[recorder],
+        )
+        self.prefilled += sum(len(c) - k for c, k in zip(contexts, cached))
+        new_tokens = output.sequences[:, width + extra:]
+        logprobs = recorder.finish(new_tokens[:, -1])
+        replies, self.last_logprobs, self.kept = [], [], {}
+        for b, (row, e, context, k) in enumerate(zip(new_tokens.tolist(), episodes, contexts, cached)):
             end = next((i for i, token in enumerate(row) if token in self.stop_ids), len(row) - 1)
             replies.append(row[: end + 1])
+            self.last_logprobs.append(logprobs[b][: end + 1])
+            if self.reuse_cache:  # every token but the last generated one has its keys and values in the cache
+                fed = min(end + 1, len(row) - 1)
+                positions = (list(range(width - k, width)) + list(range(width + extra - len(context) + k, width + extra))
+                             + list(range(width + extra, width + extra + fed)))
+                self.kept[id(e)] = (b, positions, context + row[:fed])
+        self.cache = output.past_key_values if self.reuse_cache else None
         return replies
+
+    def _gather(self, kept, width):
+        """The kept caches of this turn's episodes as one batch, each left-padded to `width` positions."""
+        rows = torch.tensor([0 if row is None else row for row, _ in kept], device=self.model.device)
+        index = torch.tensor([[0] * (width - len(p)) + p for _, p in kept], device=self.model.device)
+        layers = [(layer.keys[rows[:, None], :, index].transpose(1, 2), layer.values[rows[:, None], :, index]
+                   .transpose(1, 2)) for layer in self.cache.layers]
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
 
 def text_policy(chat, choose):

@@ -56,6 +56,8 @@ class PaWArguments:
     max_observation_tokens: int = field(
         default=512, metadata={"help": "Each observation is cut to this many tokens (ALFWorld's longest: ~120)."})
     show_admissible: bool = field(default=True, metadata={"help": "List the admissible actions in each turn."})
+    reuse_cache: bool = field(
+        default=True, metadata={"help": "Keep each episode's KV cache between turns instead of re-reading its history."})
     invalid_action_penalty: float = field(
         default=0.1, metadata={"help": "Reward penalty per unparseable or inadmissible action."})
     train_split: str = field(default="train", metadata={"help": "Split whose games are trained on."})
@@ -227,7 +229,7 @@ def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers |
             trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
         ) as model:
-            policy = ModelPolicy(model, chat, generation_config)
+            policy = ModelPolicy(model, chat, generation_config, paw.reuse_cache)
             episodes = play(envs, policy, chat, paw.max_env_steps, trainer.args.max_completion_length,
                             paw.show_admissible, paw.max_observation_tokens)
         return episode_fields(episodes)
@@ -240,7 +242,9 @@ def episode_fields(episodes):
     return {
         "prompt_ids": [e.prompt_ids for e in episodes],
         "completion_ids": [e.completion_ids for e in episodes],
-        "logprobs": None,
+        # Sampling log-probs (0 on environment tokens): TRL uses them for its off-policy options, e.g.
+        # --off_policy_mask_threshold. None when a scripted policy played.
+        "logprobs": None if any(e.logprobs is None for e in episodes) else [e.logprobs for e in episodes],
         "env_mask": [[int(i >= 0) for i in e.action_index] for e in episodes],  # 1 on policy tokens
         "action_index": [e.action_index for e in episodes],
         "obs_index": [e.obs_index for e in episodes],

@@ -2,10 +2,12 @@
 
 import random
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from env_workers import EnvWorkers
 from envs import NOTHING_HAPPENS, format_admissible, make_env, parse_action
-from rollout import play, random_policy, text_policy
+from rollout import ModelPolicy, play, random_policy, text_policy
 from scripted import ACTIONS, SCRIPTS, ScriptedEnv, scripted_policy
 from train_paw import episode_fields, make_invalid_action_penalty
 
@@ -147,3 +149,39 @@ def test_long_observations_are_cut_and_the_cut_text_is_the_wm_target(chat):
     targets = [sum(1 for i in episode.obs_index if i == t) for t in range(2)]
     assert targets == [5, 5]
     assert len(chat.encode(episode.turns[0]["observation"])) > 5  # the full text is still recorded
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_path):
+    return AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+
+
+def model_play(chat, model, reuse_cache, greedy, seed=0):
+    """Six episodes of the tiny model; two of them crash at turn 2, so the batch shrinks mid-way."""
+    torch.manual_seed(seed)
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=12, eos_token_id=chat.eot_id,
+                              pad_token_id=chat.tokenizer.pad_token_id)
+    policy = ModelPolicy(model, chat, config, reuse_cache)
+    envs = [ScriptedEnv(f"room {k}", serial=k, fail_at=2 if k in (1, 4) else None) for k in range(6)]
+    return policy, play(envs, policy, chat, max_steps=4)
+
+
+def test_logprobs_recorded_while_reusing_the_cache_match_a_fresh_forward(chat, tiny_model):
+    policy, episodes = model_play(chat, tiny_model, reuse_cache=True, greedy=False)
+    final = sum(len(e.context_ids) for e in episodes)
+    assert policy.prefilled < 1.2 * final  # the history was not read again each turn
+    assert sorted(len(e.turns) for e in episodes) == [2, 2, 4, 4, 4, 4]
+    for e in episodes:
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(input_ids=torch.tensor([e.context_ids])).logits[0], dim=-1)
+        start = len(e.prompt_ids)
+        for j, (t, recorded) in enumerate(zip(e.action_index, e.logprobs, strict=True)):
+            expected = logp[start + j - 1, e.completion_ids[j]].item() if t >= 0 else 0.0
+            assert recorded == pytest.approx(expected, abs=1e-4)
+
+
+def test_greedy_replies_are_identical_with_and_without_cache_reuse(chat, tiny_model):
+    reused_policy, reused = model_play(chat, tiny_model, reuse_cache=True, greedy=True)
+    fresh_policy, fresh = model_play(chat, tiny_model, reuse_cache=False, greedy=True)
+    assert [e.completion_ids for e in reused] == [e.completion_ids for e in fresh]
+    assert fresh_policy.prefilled > 2 * reused_policy.prefilled
