@@ -3,7 +3,8 @@
 An episode is one token sequence, built by concatenating token ids (the history is never re-tokenised):
 
     prompt     = system + user(o_1 [+ admissible]) + assistant header
-    completion = a_1 <eot> | user(o_2 [+ admissible]) + assistant header | a_2 <eot> | ... | a_T <eot> | user(o_T+1) <eot>
+    completion = a_1 <eot> | user(o_2 [+ admissible]) + assistant header | a_2 <eot> | ... | a_T <eot>
+                 | user(o_T+1) <eot>
 
 Per completion token the episode records `action_index` (t on the tokens the policy generated at turn t, else -1:
 the policy mask) and `obs_index` (t on the raw text of o_{t+1}, else -1: the world-model mask). All live episodes
@@ -266,7 +267,8 @@ class ModelPolicy:
             self.last_logprobs.append(logprobs[b][: end + 1])
             if self.reuse_cache:  # every token but the last generated one has its keys and values in the cache
                 fed = min(end + 1, len(row) - 1)
-                positions = (list(range(width - k, width)) + list(range(width + extra - len(context) + k, width + extra))
+                new = len(context) - k
+                positions = (list(range(width - k, width)) + list(range(width + extra - new, width + extra))
                              + list(range(width + extra, width + extra + fed)))
                 self.kept[id(e)] = (b, positions, context + row[:fed])
         self.cache = output.past_key_values if self.reuse_cache else None

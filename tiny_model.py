@@ -35,13 +35,20 @@ def _corpus():
                 yield sentence.format(o=o, r=r)
 
 
-def build_tiny(path, vocab_size=1024, seed=0):
-    """Write a tiny Qwen2 model and its tokenizer to `path`. Deterministic: the same seed gives the same weights."""
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+
+
+def build_tiny(path, seed=0, shape=TINY_SHAPE, vocab_size=None):
+    """Write a random Qwen2 model (tiny by default) and the offline tokenizer to `path`. Deterministic per seed.
+
+    vocab_size: the model's, when larger than the tokenizer's (real models pad theirs; unknown ids decode to "").
+    """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=1024, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
@@ -52,9 +59,8 @@ def build_tiny(path, vocab_size=1024, seed=0):
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=vocab_size or len(tokenizer), max_position_embeddings=16384, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **shape,
     )
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -57,13 +57,14 @@ class PaWArguments:
         default=512, metadata={"help": "Each observation is cut to this many tokens (ALFWorld's longest: ~120)."})
     show_admissible: bool = field(default=True, metadata={"help": "List the admissible actions in each turn."})
     reuse_cache: bool = field(
-        default=True, metadata={"help": "Keep each episode's KV cache between turns instead of re-reading its history."})
+        default=True, metadata={"help": "Keep each episode's KV cache between turns (no re-reading of the history)."})
     invalid_action_penalty: float = field(
         default=0.1, metadata={"help": "Reward penalty per unparseable or inadmissible action."})
     train_split: str = field(default="train", metadata={"help": "Split whose games are trained on."})
     num_train_games: int = field(default=0, metadata={"help": "Train on a seeded sample of this many games (0: all)."})
     task_types: list[str] | None = field(
-        default=None, metadata={"help": "Train only on these task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
+        default=None,
+        metadata={"help": "Train only on these ALFWorld task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
     env_workers: int = field(
         default=min(8, os.cpu_count() or 1),
         metadata={"help": "Processes that run environment resets and steps in parallel (0: in the main process)."})

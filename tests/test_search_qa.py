@@ -2,13 +2,13 @@
 turn limit, the HTTP retriever (Search-R1's /retrieve contract) and an unreachable one, your own files, training."""
 
 import json
+from contextlib import contextmanager
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import train_paw
 from envs import DataMissing, list_games, make_env
 from rollout import expert_policy, play, random_policy, text_policy
 from search_qa import (CORRECT, INCORRECT, INVALID_ACTION, SearchQAEnv, build_corpus, exact_match, load_qa,
@@ -120,19 +120,13 @@ def test_turn_limit_and_a_wrong_answer():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def retrieval_server():
-    """A /retrieve server on 127.0.0.1 over the built-in corpus (what Search-R1's retrieval_server.py answers), and
-    the requests it received."""
-    data, requests = load_qa(), []
+@contextmanager
+def serving(answer):
+    """An HTTP server on 127.0.0.1 whose POST answers are answer(path, request) -> bytes; yields its /retrieve URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append((self.path, request))
-            result = [[{"document": {"id": str(i), "contents": data.contents[i]}, "score": 1.0}
-                       for i in data.index.search(query, request["topk"])] for query in request["queries"]]
-            body = json.dumps({"result": result}).encode()
+            body = answer(self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -146,11 +140,27 @@ def retrieval_server():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/retrieve", requests
+        yield f"http://127.0.0.1:{server.server_address[1]}/retrieve"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def retrieval_server():
+    """A /retrieve server over the built-in corpus (what Search-R1's retrieval_server.py answers), and the requests
+    it received."""
+    data, requests = load_qa(), []
+
+    def answer(path, request):
+        requests.append((path, request))
+        result = [[{"document": {"id": str(i), "contents": data.contents[i]}, "score": 1.0}
+                   for i in data.index.search(query, request["topk"])] for query in request["queries"]]
+        return json.dumps({"result": result}).encode()
+
+    with serving(answer) as url:
+        yield url, requests
 
 
 def test_the_http_retriever_speaks_search_r1s_contract_and_gives_the_same_passages(chat, retrieval_server):
@@ -183,25 +193,8 @@ def test_an_unreachable_retriever_is_a_clear_error_at_start_and_an_env_error_mid
 
 
 def test_a_retriever_answering_out_of_contract_is_an_env_error(chat):
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b'{"results": []}')
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        env = make_env("search", "q0000", {"retriever_url": f"http://127.0.0.1:{server.server_address[1]}/retrieve"})
-        (episode,) = play([env], expert_policy(chat), chat, max_steps=4)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(lambda path, request: b'{"results": []}') as url:
+        (episode,) = play([make_env("search", "q0000", {"retriever_url": url})], expert_policy(chat), chat, max_steps=4)
     assert "RetrieverError" in episode.error and "KeyError" in episode.error
 
 
@@ -244,14 +237,3 @@ def test_own_files_missing_are_clear_errors(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", [])
     with pytest.raises(DataMissing, match="no corpus.jsonl to search"):
         list_games("search", "train", options={"data_dir": str(tmp_path)})
-
-
-def test_one_training_step_on_search(tiny_path, tmp_path):
-    trainer = train_paw.main([
-        "--env", "search", "--model_name_or_path", "tiny", "--num_train_games", "1", "--num_generations", "2",
-        "--per_device_train_batch_size", "2", "--max_env_steps", "2", "--max_action_tokens", "8", "--use_cpu",
-        "--max_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path)])
-    logged = trainer.state.log_history[0]
-    assert trainer.state.global_step == 1
-    assert logged["episode/env_error_rate"] == 0 and logged["episode/length"] > 0
-    assert logged["wm/loss"] > 0  # the feedback after each reply is a WM target

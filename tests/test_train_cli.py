@@ -46,6 +46,18 @@ def test_one_real_training_step(tiny_path, tmp_path, unseen_games, mode, setup):
             assert any(p.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)  # B starts at zero
 
 
+@pytest.mark.parametrize("env", ["webshop", "search"])
+def test_one_training_step_on_the_other_environments(tmp_path, env):
+    trainer = train_paw.main(["--env", env, "--model_name_or_path", "tiny", "--num_train_games", "1",
+                              "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_env_steps", "2",
+                              "--max_action_tokens", "8", "--use_cpu", "--max_steps", "1", "--output_dir",
+                              str(tmp_path)])
+    logged = trainer.state.log_history[0]
+    assert trainer.state.global_step == 1
+    assert logged["episode/env_error_rate"] == 0 and logged["episode/length"] > 0
+    assert logged["wm/loss"] > 0  # the environment's pages and passages are WM targets
+
+
 def run(args, **env):
     return subprocess.run([sys.executable, "train_paw.py", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=900)

@@ -74,7 +74,8 @@ def reference_wm_loss(model, episodes, paw):
         entropy = -(logp.exp() * logp).sum(-1).detach()
         token_logp = logp[torch.arange(len(e.completion_ids)), torch.tensor(e.completion_ids)]
         group = episodes[b // GROUP * GROUP:(b // GROUP + 1) * GROUP]
-        lam = min(max(1 - sum(x.task_return for x in group) / GROUP, 0.0), 1.0) if paw.wm_weighting == "adaptive" else 1.0
+        lam = min(max(1 - sum(x.task_return for x in group) / GROUP, 0.0), 1.0)
+        lam = lam if paw.wm_weighting == "adaptive" else 1.0
         for t in range(len(e.turns)):
             action = [j for j, i in enumerate(e.action_index) if i == t]
             target = [j for j, i in enumerate(e.obs_index) if i == t]

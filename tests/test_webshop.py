@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-import train_paw
 from envs import DataMissing, list_games, make_env
 from rollout import expert_policy, play, random_policy, text_policy
 from search_qa import BM25Index
@@ -268,14 +267,3 @@ def test_unknown_split_and_option_are_errors():
         list_games("webshop", "valid_seen")
     with pytest.raises(ValueError, match="takes no option"):
         list_games("webshop", "train", options={"max_turns": "3"})
-
-
-def test_one_training_step_on_webshop(tiny_path, tmp_path):
-    trainer = train_paw.main([
-        "--env", "webshop", "--model_name_or_path", "tiny", "--num_train_games", "1", "--num_generations", "2",
-        "--per_device_train_batch_size", "2", "--max_env_steps", "2", "--max_action_tokens", "8", "--use_cpu",
-        "--max_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path)])
-    logged = trainer.state.log_history[0]
-    assert trainer.state.global_step == 1
-    assert logged["episode/env_error_rate"] == 0 and logged["episode/length"] > 0
-    assert logged["wm/loss"] > 0  # the results/invalid-action pages are WM targets
