@@ -275,11 +275,18 @@ class ModelPolicy:
         return replies
 
     def _gather(self, kept, width):
-        """The kept caches of this turn's episodes as one batch, each left-padded to `width` positions."""
-        rows = torch.tensor([0 if row is None else row for row, _ in kept], device=self.model.device)
+        """The kept caches of this turn's episodes as one batch, each left-padded to `width` positions.
+
+        Layer by layer, each old layer freed once copied: the cache never exists twice (it is the rollout's largest
+        memory cost on a GPU, see memory_estimate.py).
+        """
+        rows = torch.tensor([0 if row is None else row for row, _ in kept], device=self.model.device)[:, None]
         index = torch.tensor([[0] * (width - len(p)) + p for _, p in kept], device=self.model.device)
-        layers = [(layer.keys[rows[:, None], :, index].transpose(1, 2), layer.values[rows[:, None], :, index]
-                   .transpose(1, 2)) for layer in self.cache.layers]
+        layers = []
+        for layer in self.cache.layers:
+            layers.append((layer.keys[rows, :, index].transpose(1, 2), layer.values[rows, :, index].transpose(1, 2)))
+            layer.keys = layer.values = None
+        self.cache = None
         return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
 
