@@ -1,14 +1,21 @@
-"""Where time goes, measured side by side in one run on this machine (CPU).
+"""Where the time goes, measured side by side in one run on this machine, with the tiny model and with a random
+model of a realistic shape (Qwen2-style, 35M parameters, 32k vocabulary).
 
-    python bench.py                 # prints a table
+    python bench.py             # about 5 minutes on 2 CPU cores; prints markdown tables
 
-1. Training step time with `--wm paw` vs `--wm off` on identical rollouts (the WM term reuses the policy forward).
+1. rollouts of 16 episodes on real ALFWorld games: batched (one `generate` per turn for all live episodes) against
+   the same 16 one at a time; and tokens prefilled per token of the final sequences, with and without KV-cache reuse
+2. where a batched rollout's time goes: environment resets, environment steps, the model
+3. training step time with `--wm paw` against `--wm off` on identical rollouts (the WM term reuses the policy forward)
+
+For GPU memory, see memory_estimate.py (an estimate: nothing here runs on a GPU).
 """
 
 import argparse
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -20,10 +27,43 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainerCallback
 from trl import GRPOConfig
 
-from envs import list_games, make_env
+from env_workers import EnvWorkers
+from envs import list_games
 from rollout import ChatFormat, ModelPolicy, play
-from tiny_model import tiny_model_path
+from tiny_model import build_tiny, tiny_model_path
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward
+
+REALISTIC_SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                       num_key_value_heads=2)
+
+
+class TimedPolicy:
+    """A ModelPolicy whose calls are timed; the rest of a rollout's time is the environments'."""
+
+    def __init__(self, policy):
+        self.policy, self.seconds, self.calls, self.first_call = policy, 0.0, 0, None
+
+    def __call__(self, episodes):
+        start = time.perf_counter()
+        self.first_call = self.first_call or start  # the environments' resets end here
+        replies = self.policy(episodes)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.last_logprobs = self.policy.last_logprobs
+        return replies
+
+
+def rollout(model, chat, workers, games, turns, reply_tokens, reuse_cache, batched, seed=0):
+    """Play one episode per game; return (episodes, seconds, start time, timed policy)."""
+    torch.manual_seed(seed)
+    config = GenerationConfig(do_sample=True, max_new_tokens=reply_tokens, eos_token_id=chat.eot_id,
+                              pad_token_id=chat.tokenizer.pad_token_id)
+    policy = TimedPolicy(ModelPolicy(model, chat, config, reuse_cache))
+    start = time.perf_counter()
+    envs = [workers.make("alfworld", game) for game in games]
+    batches = [envs] if batched else [[env] for env in envs]
+    episodes = [e for batch in batches for e in play(batch, policy, chat, turns)]
+    return episodes, time.perf_counter() - start, start, policy
 
 
 class StepTimer(TrainerCallback):
@@ -37,25 +77,19 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def record_rollouts(model, chat, games, group, max_env_steps, max_action_tokens):
-    """Episodes of the model on real ALFWorld games, recorded once so that every trainer trains on the same ones."""
-    config = GenerationConfig(do_sample=True, max_new_tokens=max_action_tokens, eos_token_id=chat.eot_id,
-                              pad_token_id=chat.tokenizer.pad_token_id)
-    envs = [make_env("alfworld", game) for game in games for _ in range(group)]
-    return episode_fields(play(envs, ModelPolicy(model, chat, config), chat, max_env_steps))
-
-
-def step_times(path, chat, fields, games, group, mode, steps, out):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def step_times(path, chat, fields, group, mode, steps, out):
+    """Seconds per training step of one trainer on the same recorded rollouts, every step."""
     timer = StepTimer()
     args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                      max_steps=steps, logging_steps=1, num_generations=group,
+                      max_steps=steps, logging_strategy="no", num_generations=group,
                       per_device_train_batch_size=len(fields["prompt_ids"]), max_completion_length=100_000,
                       disable_tqdm=True, seed=0)
     trainer = PaWTrainer(
-        model=model, reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=args,
-        train_dataset=Dataset.from_dict({"prompt": games * steps}), processing_class=chat.tokenizer,
-        rollout_func=lambda prompts, trainer: fields, callbacks=[timer], paw=PaWArguments(wm=mode),
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["game"] * len(fields["prompt_ids"]) * steps}),
+        processing_class=chat.tokenizer, rollout_func=lambda prompts, trainer: fields, callbacks=[timer],
+        paw=PaWArguments(wm=mode),
     )
     trainer.train()
     return timer.times[1:]  # the first step pays one-off costs
@@ -63,32 +97,63 @@ def step_times(path, chat, fields, games, group, mode, steps, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="training steps per mode and round")
-    parser.add_argument("--rounds", type=int, default=3, help="off/paw alternations (interleaved against drift)")
-    parser.add_argument("--out", default="/tmp/paw-bench")
+    parser.add_argument("--turns", type=int, default=6, help="actions per episode in the rollouts")
+    parser.add_argument("--reply_tokens", type=int, default=32, help="tokens per reply (the random model rarely stops)")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=2, help="off/paw alternations (interleaved against drift)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    workers = EnvWorkers(2)  # forked before any model exists
+    out = tempfile.mkdtemp()
+    models = {"tiny": tiny_model_path(),
+              "realistic": build_tiny(os.path.join(out, "realistic"), shape=REALISTIC_SHAPE, vocab_size=32768)}
+    chat = ChatFormat(AutoTokenizer.from_pretrained(models["tiny"]))
+    games = list_games("alfworld", "eval_out_of_distribution", num_games=4, seed=0) * 4  # 4 games x 4 episodes
+    group = 4
 
-    path = tiny_model_path()
-    chat = ChatFormat(AutoTokenizer.from_pretrained(path))
-    games, group = list_games("alfworld", "eval_out_of_distribution", num_games=2, seed=0), 4
-    fields = record_rollouts(AutoModelForCausalLM.from_pretrained(path), chat, games, group, 8, 48)
-    tokens = sum(len(p) + len(c) for p, c in zip(fields["prompt_ids"], fields["completion_ids"]))
+    rows, split, train = [], [], []
+    for name, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        runs = {}
+        for label, reuse, batched in [("batched, cache reuse", True, True), ("batched, no reuse", False, True),
+                                      ("one at a time, cache reuse", True, False)]:
+            runs[label] = rollout(model, chat, workers, games, args.turns, args.reply_tokens, reuse, batched)
+        episodes, seconds, start, policy = runs["batched, cache reuse"]
+        final = sum(len(e.context_ids) for e in episodes)
+        for label, (_, run_seconds, _, run_policy) in runs.items():
+            rows.append(f"| {name} ({params:.1f}M) | {label} | {run_seconds:.1f} | "
+                        f"{seconds and run_seconds / seconds:.2f} | {run_policy.policy.prefilled / final:.2f} |")
+        actions = sum(len(e.turns) for e in episodes)
+        resets = policy.first_call - start
+        steps = seconds - resets - policy.seconds
+        split.append(f"| {name} | {seconds:.1f} | {resets:.1f} | {steps:.1f} | {policy.seconds:.1f} | "
+                     f"{1000 * policy.seconds / policy.calls:.0f} | {1000 * steps / actions:.0f} |")
 
-    times = {"off": [], "paw": []}
-    for _ in range(args.rounds):
-        for mode in times:
-            times[mode] += step_times(path, chat, fields, games, group, mode, args.steps, args.out)
+        fields = episode_fields(episodes[:8])  # two games x four episodes, the same for both modes
+        times = {"off": [], "paw": []}
+        for _ in range(args.rounds):
+            for mode in times:
+                times[mode] += step_times(path, chat, fields, group, mode, args.steps, os.path.join(out, mode))
+        off, paw = (statistics.median(times[mode]) for mode in ("off", "paw"))
+        tokens = sum(len(p) + len(c) for p, c in zip(fields["prompt_ids"], fields["completion_ids"]))
+        train.append(f"| {name} | {tokens} | {off:.3f} | {paw:.3f} | {paw / off:.3f} |")
+    workers.close()
 
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
-    print(f"1. training step, tiny model, {len(fields['prompt_ids'])} episodes, {tokens} tokens, identical rollouts")
-    print("| mode | median s/step | steps |\n|---|---|---|")
-    for mode, values in times.items():
-        print(f"| {mode} | {statistics.median(values):.3f} | {len(values)} |")
-    ratio = statistics.median(times["paw"]) / statistics.median(times["off"])
-    print(f"paw / off = {ratio:.3f}")
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+          f"{torch.__version__}, 1 thread, 2 environment workers; {len(games)} episodes of up to {args.turns} "
+          f"actions on valid_unseen games, {args.reply_tokens}-token replies\n")
+    print("1. rollouts (time relative to batched with cache reuse; prefill = tokens run through the model before "
+          "generating / tokens in the final sequences)\n")
+    print("| model | rollout | seconds | x batched | prefill / final |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\n2. where a batched rollout's time goes (environments in 2 worker processes)\n")
+    print("| model | rollout s | env resets s | env steps s | model s | model ms per turn | env ms per action |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(split))
+    print("\n3. training step on identical rollouts (8 episodes), median seconds\n")
+    print("| model | tokens | off | paw | paw / off |\n|---|---|---|---|---|")
+    print("\n".join(train))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class Step:
 
 
 class TextEnv(Protocol):
+    game: str  # the id it was made from
     system_prompt: str
     task_type: str  # for per-type results, e.g. "Pick"
     walkthrough: list[str]  # after reset: replies that solve the game (for the expert policy and tests)
@@ -128,7 +129,8 @@ def alfworld_games(split):
                 f"({type(error).__name__}: {error}).\nTo get them, on a machine with internet run\n"
                 f"    pip install alfworld==0.4.2 && alfworld-download\n"
                 f"then copy ~/.cache/alfworld (about 350 MB) here and set ALFWORLD_DATA to it, or set ALFWORLD_DATA "
-                f"to any folder that holds json_2.1.1/{ALFWORLD_SPLITS[split]}/."
+                f"to any folder that holds json_2.1.1/{ALFWORLD_SPLITS[split]}/.\nOr use games generated offline "
+                f"by the real engine, no download needed: --games generated (see the README)."
             ) from None
     games = [
         path for path in split_dir.glob("*/*/game.tw-pddl")

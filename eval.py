@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 from trl import ModelConfig
 
+from alfworld_gen import LEVELS, game_specs, resolve
 from env_workers import EnvWorkers
 from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, list_games, make_env
 from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--env", default="alfworld", choices=list(ENVIRONMENTS))
     parser.add_argument("--split", default="eval_out_of_distribution", choices=SPLITS,
                         help="ALFWorld: eval_in_distribution = valid_seen, eval_out_of_distribution = valid_unseen")
+    parser.add_argument("--games", default="official", choices=["official", "generated"],
+                        help="ALFWorld: the official game files, or games generated offline (see alfworld_gen.py)")
+    parser.add_argument("--game_level", type=int, default=0, help="generated games: room size, 0 to 5")
     parser.add_argument("--policy", default="model", choices=["model", "expert", "random"],
                         help="expert replays each game's stored walkthrough; random picks an admissible action")
     parser.add_argument("--model_name_or_path", help="a Hub id or folder, or `tiny` (required for --policy model)")
@@ -89,9 +93,16 @@ def parse_args(argv=None):
     if any("=" not in option for option in args.env_options):
         parser.error("--env_options takes key=value pairs")
     args.env_kwargs = dict(option.split("=", 1) for option in args.env_options)
+    if args.games == "generated" and args.env != "alfworld":
+        parser.error("--games generated is for --env alfworld")
+    if not 0 <= args.game_level < len(LEVELS):
+        parser.error(f"--game_level must be from 0 to {len(LEVELS) - 1}")
     try:
-        args.games = list_games(args.env, args.split, args.num_games or 0, seed=0 if args.num_games else None,
-                                options=args.env_kwargs)
+        if args.games == "generated":  # a split's own seed range: never the games trained on
+            args.game_files = [resolve(spec, args.game_level) for spec in game_specs(args.split, args.num_games or 120)]
+        else:
+            args.game_files = list_games(args.env, args.split, args.num_games or 0,
+                                         seed=0 if args.num_games else None, options=args.env_kwargs)
     except (DataMissing, ValueError) as error:
         parser.error(str(error))
     return args
@@ -133,8 +144,8 @@ def run_episodes(args, chat, model, workers, seed, progress):
     max_tokens = args.max_completion_length if args.policy == "model" else None
     make = workers.make if workers else make_env
     episodes = []
-    for start in range(0, len(args.games), args.batch_size):
-        envs = [make(args.env, game, args.env_kwargs) for game in args.games[start:start + args.batch_size]]
+    for start in range(0, len(args.game_files), args.batch_size):
+        envs = [make(args.env, game, args.env_kwargs) for game in args.game_files[start:start + args.batch_size]]
         episodes += play(envs, policy, chat, args.max_env_steps, max_tokens, args.show_admissible,
                          args.max_observation_tokens)
         progress.update(len(envs))
@@ -167,15 +178,16 @@ def mean_std(values):
 
 
 def summarize(args, runs, seeds):
-    """runs: one list of episodes per seed, in the order of args.games."""
+    """runs: one list of episodes per seed, in the order of args.game_files."""
     def rate(episodes, key):
         return sum(key(e) for e in episodes) / max(len(episodes), 1)
 
     types = sorted({e.env.task_type for e in runs[0]})
     steps = [sum(len(e.turns) for e in eps) for eps in runs]
     return {
-        "env": args.env, "split": args.split, "split_folder": ALFWORLD_SPLITS[args.split] if args.env == "alfworld"
-        else args.split, "num_games": len(args.games), "policy": args.policy, "model": args.model_name_or_path,
+        "env": args.env, "split": args.split, "split_folder": split_folder(args), "num_games": len(args.game_files),
+        "games": args.games if args.games == "official" else f"generated, level {args.game_level}",
+        "policy": args.policy, "model": args.model_name_or_path,
         "adapter": args.adapter, "temperature": args.temperature, "max_env_steps": args.max_env_steps,
         "seeds": seeds,
         "success_rate": mean_std([rate(eps, lambda e: e.won) for eps in runs]),
@@ -191,6 +203,13 @@ def summarize(args, runs, seeds):
             for t in types
         },
     }
+
+
+def split_folder(args):
+    """What the split is on disk, for tables that must not mix splits up."""
+    if args.games == "generated":
+        return f"generated level {args.game_level}, seeds of {args.split}"
+    return ALFWORLD_SPLITS[args.split] if args.env == "alfworld" else args.split
 
 
 def trajectory(e, run, seed):
@@ -226,7 +245,7 @@ def evaluate(args):
     workers = EnvWorkers(args.env_workers) if args.env_workers else None  # forked before the model loads: small
     chat, model = load(args)
     seeds = [args.seed + k for k in range(args.num_runs)]
-    with tqdm(total=len(args.games) * len(seeds), desc="games", unit="game") as progress:
+    with tqdm(total=len(args.game_files) * len(seeds), desc="games", unit="game") as progress:
         runs = [run_episodes(args, chat, model, workers, seed, progress) for seed in seeds]
     if workers:
         workers.close()

@@ -10,10 +10,13 @@ marks plumbing.
 """
 
 import copy
+import json
 import os
 import sys
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16
@@ -22,11 +25,12 @@ warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated"
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
+from alfworld_gen import LEVELS, Curriculum, game_specs, resolve
 from env_workers import EnvWorkers
 from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, make_env
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
@@ -65,6 +69,14 @@ class PaWArguments:
     task_types: list[str] | None = field(
         default=None,
         metadata={"help": "Train only on these ALFWorld task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
+    games: Literal["official", "generated"] = field(
+        default="official", metadata={"help": "ALFWorld games: the official files, or games alfworld_gen.py "
+                                              "generates offline (any room size, no download)."})
+    game_level: int = field(
+        default=0, metadata={"help": "Generated games: room size, 0 (3 receptacles) to 5 (24, like official ones)."})
+    curriculum: bool = field(
+        default=False, metadata={"help": "Generated games: start at --game_level, move up a level once 80%% of the "
+                                         "last 64 episodes at the current level succeed."})
     env_workers: int = field(
         default=min(8, os.cpu_count() or 1),
         metadata={"help": "Processes that run environment resets and steps in parallel (0: in the main process)."})
@@ -85,6 +97,9 @@ class PaWArguments:
             (self.invalid_action_penalty >= 0, "--invalid_action_penalty must be >= 0"),
             (self.num_train_games >= 0, "--num_train_games must be >= 0"),
             (self.env_workers >= 0, "--env_workers must be >= 0"),
+            (self.games == "official" or self.env == "alfworld", "--games generated is for --env alfworld"),
+            (0 <= self.game_level < len(LEVELS), f"--game_level must be from 0 to {len(LEVELS) - 1}"),
+            (not self.curriculum or self.games == "generated", "--curriculum needs --games generated"),
         ]
         for ok, message in checks:
             if not ok:
@@ -210,6 +225,8 @@ class PaWTrainer(GRPOTrainer):
         self._metrics[mode]["episode/length"].append(steps.mean().item())
         self._metrics[mode]["episode/invalid_action_rate"].append((invalid.sum() / steps.sum().clamp(min=1)).item())
         self._metrics[mode]["episode/env_error_rate"].append(stats["env_error"].mean().item())
+        if "game_level" in inputs[0]:  # generated games
+            self._metrics[mode]["episode/game_level"].append(float(inputs[0]["game_level"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,9 +234,12 @@ class PaWTrainer(GRPOTrainer):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers | None):
+def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers | None, curriculum: Curriculum | None):
     def rollout_func(prompts, trainer):
         """prompts: one game id per episode; TRL has repeated each game num_generations times (the group)."""
+        level = curriculum.level if curriculum else paw.game_level
+        if paw.games == "generated":  # an id names a game at every level: write it at this one
+            prompts = [resolve(spec, level) for spec in prompts]
         generation_config = copy.deepcopy(trainer.generation_config)
         generation_config.max_new_tokens = paw.max_action_tokens
         generation_config.eos_token_id = sorted({chat.eot_id, *trainer.eos_token_ids})
@@ -233,7 +253,12 @@ def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers |
             policy = ModelPolicy(model, chat, generation_config, paw.reuse_cache)
             episodes = play(envs, policy, chat, paw.max_env_steps, trainer.args.max_completion_length,
                             paw.show_admissible, paw.max_observation_tokens)
-        return episode_fields(episodes)
+        fields = episode_fields(episodes)
+        if paw.games == "generated":
+            fields["game_level"] = [level] * len(episodes)
+        if curriculum:
+            curriculum.update([e.won for e in episodes])
+        return fields
 
     return rollout_func
 
@@ -267,6 +292,20 @@ def make_invalid_action_penalty(coef):
         return [-coef * n for n in invalid_actions]
 
     return invalid_action_penalty
+
+
+class CurriculumCheckpoint(TrainerCallback):
+    """Saves the curriculum with each checkpoint, so that --resume_from_checkpoint continues at its level."""
+
+    def __init__(self, curriculum):
+        self.curriculum = curriculum
+
+    def on_save(self, args, state, control, **kwargs):
+        saved = {"level": self.curriculum.level, "recent": list(self.curriculum.recent)}
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / CURRICULUM_FILE).write_text(json.dumps(saved))
+
+
+CURRICULUM_FILE = "curriculum.json"
 
 
 def load_model(model_args: ModelConfig, device):
@@ -309,11 +348,20 @@ def parse_args(argv=None):
 def main(argv=None):
     paw, training_args, model_args = parse_args(argv)
     try:
-        games = list_games(paw.env, paw.train_split, paw.num_train_games, paw.task_types, training_args.seed,
-                           paw.env_kwargs)
+        if paw.games == "generated":
+            types = paw.task_types or list(ALFWORLD_TASK_TYPES.values())
+            games = game_specs(paw.train_split, paw.num_train_games or 100 * len(types), types)
+        else:
+            games = list_games(paw.env, paw.train_split, paw.num_train_games, paw.task_types, training_args.seed,
+                               paw.env_kwargs)
     except (DataMissing, ValueError) as error:  # missing data, an unknown split or environment option
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    curriculum = Curriculum(paw.game_level) if paw.curriculum else None
+    saved = training_args.resume_from_checkpoint and Path(training_args.resume_from_checkpoint) / CURRICULUM_FILE
+    if curriculum and saved and saved.exists():
+        state = json.loads(saved.read_text())
+        curriculum.level, curriculum.recent = state["level"], deque(state["recent"], maxlen=curriculum.recent.maxlen)
     workers = EnvWorkers(paw.env_workers) if paw.env_workers else None  # forked before the model loads: small
     model, tokenizer = load_model(model_args, training_args.device)
     chat = ChatFormat(tokenizer)
@@ -324,7 +372,8 @@ def main(argv=None):
         train_dataset=Dataset.from_dict({"prompt": games}),
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        rollout_func=make_rollout_func(paw, chat, workers),
+        rollout_func=make_rollout_func(paw, chat, workers, curriculum),
+        callbacks=[CurriculumCheckpoint(curriculum)] if curriculum else None,
         paw=paw,
     )
     if model_args.use_peft:  # TRL stores LoRA weights of a 4-bit model in bf16, which rounds small updates away

@@ -346,7 +346,7 @@ class WebShopEnv:
         return [f"goal-{i}" for i in load_shop(data_dir).splits[split]]
 
     def __init__(self, game, data_dir=None):
-        self.shop = load_shop(data_dir)
+        self.game, self.shop = game, load_shop(data_dir)
         self.goal = self.shop.goals[int(game.removeprefix("goal-"))]
         self.task_type = self.goal["category"]
         self.walkthrough = []

@@ -14,11 +14,21 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_path(tmp_path_factory):
-    """The tiny model, built once per session in a temporary folder (subprocesses inherit PAW_TINY_DIR)."""
+    """The tiny model, built once per session in a temporary folder (subprocesses inherit PAW_TINY_DIR), and a
+    session folder for generated games (PAW_GENERATED_DIR)."""
     from tiny_model import tiny_model_path
 
     os.environ["PAW_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny") / "tiny")
+    os.environ["PAW_GENERATED_DIR"] = str(tmp_path_factory.mktemp("generated"))
     return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def small_games(tiny_path):
+    """Hermetic fixtures: six generated ALFWorld games (one per task type, level 0) played by the real engine."""
+    from alfworld_gen import game_specs, resolve
+
+    return [resolve(spec, 0) for spec in game_specs("eval_out_of_distribution", 6)]
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,8 @@ def test_the_expert_wins_every_game_of_both_eval_splits(tmp_path, split, folder,
 
 
 def test_the_random_policy_is_a_stable_low_floor(tmp_path):
-    args = ["--policy", "random", "--num_games", "6", "--max_env_steps", "15", "--num_runs", "2", "--seed", "3"]
+    args = ["--games", "generated", "--policy", "random", "--num_games", "6", "--max_env_steps", "15",
+            "--num_runs", "2", "--seed", "3"]
     first, trajectories = run_eval(tmp_path / "a", *args)
     second, _ = run_eval(tmp_path / "b", *args)
     assert first == second  # same seeds, same numbers
@@ -69,10 +70,10 @@ def test_the_tiny_model_on_real_games_writes_results_that_replay(tmp_path, chat)
         assert episode.turns == recorded["turns"] and episode.won == recorded["won"]
 
 
-def test_wm_diagnostic_against_an_independent_computation(tiny_path, chat, unseen_games):
+def test_wm_diagnostic_against_an_independent_computation(tiny_path, chat, small_games):
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     replies = ["<action>look</action>", "<action>inventory</action>"]
-    episodes = play([make_env("alfworld", unseen_games[0])], text_policy(chat, lambda e: replies[len(e.turns)]),
+    episodes = play([make_env("alfworld", small_games[0])], text_policy(chat, lambda e: replies[len(e.turns)]),
                     chat, max_steps=2)
     got = evaluation.wm_diagnostic(model, episodes)
     (e,) = episodes
@@ -95,8 +96,8 @@ def test_an_adapter_is_loaded_and_changes_the_model(tmp_path, tiny_path):
     adapter = tmp_path / "adapter"
     lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # non-zero: changes outputs
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), lora).save_pretrained(adapter)
-    args = ["--model_name_or_path", "tiny", "--num_games", "1", "--max_env_steps", "2", "--max_action_tokens", "8",
-            "--wm_eval"]
+    args = ["--model_name_or_path", "tiny", "--games", "generated", "--num_games", "1", "--max_env_steps", "2",
+            "--max_action_tokens", "8", "--wm_eval"]
     base, _ = run_eval(tmp_path / "base", *args)
     tuned, _ = run_eval(tmp_path / "tuned", *args, "--adapter", str(adapter))
     assert tuned["adapter"] == str(adapter)

@@ -71,8 +71,8 @@ MALFORMED = ["", "no tags at all", "<action>go to desk 1</action>" * 2, "z" * 10
              "".join(chr(random.Random(1).randrange(0x20, 0x2FFFF)) for _ in range(500))]
 
 
-def test_malformed_output_on_a_real_game_is_an_invalid_action_with_the_penalty(chat, unseen_games):
-    envs = [make_env("alfworld", unseen_games[0]) for _ in MALFORMED]
+def test_malformed_output_is_an_invalid_action_with_the_penalty(chat, small_games):
+    envs = [make_env("alfworld", small_games[0]) for _ in MALFORMED]
     policy = lambda episodes: [chat.encode(MALFORMED[envs.index(e.env)]) + [chat.eot_id] for e in episodes]
     episodes = play(envs, policy, chat, max_steps=2)
     penalties = make_invalid_action_penalty(0.1)(None, **{"invalid_actions": [e.invalid_actions for e in episodes]})
@@ -83,8 +83,8 @@ def test_malformed_output_on_a_real_game_is_an_invalid_action_with_the_penalty(c
         assert max(episode.obs_index) == 1  # "Nothing happens." is the engine's answer: still a WM target
 
 
-def test_an_inadmissible_action_reaches_the_engine_and_is_penalised(chat, unseen_games):
-    (episode,) = play([make_env("alfworld", unseen_games[0])],
+def test_an_inadmissible_action_reaches_the_engine_and_is_penalised(chat, small_games):
+    (episode,) = play([make_env("alfworld", small_games[0])],
                       text_policy(chat, lambda e: "<action>fly to the moon</action>"), chat, max_steps=1)
     assert episode.turns[0]["action"] == "fly to the moon" and not episode.turns[0]["valid"]
     assert episode.turns[0]["observation"] == NOTHING_HAPPENS
@@ -115,15 +115,15 @@ def test_the_step_budget_ends_episodes_as_truncated(chat):
     assert episode.completion_ids[-1] == chat.eot_id and max(episode.obs_index) == 2
 
 
-def test_random_policy_is_seeded_and_only_takes_admissible_actions(chat, unseen_games):
-    runs = [play([make_env("alfworld", unseen_games[3])], random_policy(chat, seed=7), chat, max_steps=4)[0]
+def test_random_policy_is_seeded_and_only_takes_admissible_actions(chat, small_games):
+    runs = [play([make_env("alfworld", small_games[3])], random_policy(chat, seed=7), chat, max_steps=4)[0]
             for _ in range(2)]
     assert [t["action"] for t in runs[0].turns] == [t["action"] for t in runs[1].turns]
     assert all(t["valid"] for t in runs[0].turns)
 
 
-def test_environments_in_worker_processes_give_the_same_episodes(chat, unseen_games):
-    games = unseen_games[:3] * 2
+def test_environments_in_worker_processes_give_the_same_episodes(chat, small_games):
+    games = small_games[:3] * 2
     workers = EnvWorkers(2)
     local = play([make_env("alfworld", g) for g in games], random_policy(chat, seed=3), chat, max_steps=5)
     remote = play([workers.make("alfworld", g) for g in games], random_policy(chat, seed=3), chat, max_steps=5)
@@ -134,9 +134,9 @@ def test_environments_in_worker_processes_give_the_same_episodes(chat, unseen_ga
     assert len({tuple(e.completion_ids) for e in local}) > 1  # the episodes differ, so the comparison means something
 
 
-def test_a_failing_remote_environment_ends_only_its_episode(chat, unseen_games):
+def test_a_failing_remote_environment_ends_only_its_episode(chat, small_games):
     workers = EnvWorkers(2)
-    envs = [workers.make("alfworld", unseen_games[0]), workers.make("alfworld", "/no/such/game.tw-pddl")]
+    envs = [workers.make("alfworld", small_games[0]), workers.make("alfworld", "/no/such/game.tw-pddl")]
     good, bad = play(envs, random_policy(chat, seed=0), chat, max_steps=2)
     workers.close()
     assert good.error is None and len(good.turns) == 2

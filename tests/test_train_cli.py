@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,27 +78,44 @@ def test_the_readme_smoke_command_trains_and_saves_an_adapter_that_loads(tiny_pa
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(tiny_path, tmp_path, monkeypatch, unseen_games):
-    args = FAST + ["--max_steps", "2", "--save_steps", "1", "--output_dir", str(tmp_path)]
-    calls = []
+def test_a_killed_run_resumes_from_its_checkpoint_at_its_curriculum_level(tiny_path, tmp_path, monkeypatch):
+    args = ["--model_name_or_path", "tiny", "--games", "generated", "--curriculum", "--num_generations", "2",
+            "--per_device_train_batch_size", "2", "--max_env_steps", "2", "--max_action_tokens", "8", "--use_cpu",
+            "--max_steps", "3", "--save_steps", "1", "--output_dir", str(tmp_path)]
+    levels = []  # the room level of each rollout, read from the game files it played
     real_play = train_paw.play
 
-    def crash_on_second_rollout(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
+    def play_or_die(envs, *a, **k):
+        levels.append({re.search(r"-gen(\d)/", env.game).group(1) for env in envs})
+        if len(levels) == 2:
             raise KeyboardInterrupt  # the run dies in step 2, after checkpoint-1 was written
-        return real_play(*a, **k)
+        return real_play(envs, *a, **k)
 
-    monkeypatch.setattr(train_paw, "play", crash_on_second_rollout)
+    monkeypatch.setattr(train_paw, "play", play_or_die)
+    # The tiny model never wins: let every rollout earn a promotion, to see the level travel through a checkpoint.
+    monkeypatch.setattr(train_paw.Curriculum, "update", lambda self, successes: setattr(self, "level", self.level + 1))
     with pytest.raises(KeyboardInterrupt):
         train_paw.main(args)
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
+    assert json.loads((tmp_path / "checkpoint-1" / "curriculum.json").read_text())["level"] == 1
 
-    calls.clear()
-    monkeypatch.setattr(train_paw, "play", lambda *a, **k: calls.append(1) or real_play(*a, **k))
+    levels.clear()
+    monkeypatch.setattr(train_paw, "play", lambda envs, *a, **k: levels.append(
+        {re.search(r"-gen(\d)/", env.game).group(1) for env in envs}) or real_play(envs, *a, **k))
     trainer = train_paw.main(args + ["--resume_from_checkpoint", "last"])
-    assert trainer.state.global_step == 2 and len(calls) == 1  # only step 2 was run again
-    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
+    assert trainer.state.global_step == 3 and levels == [{"1"}, {"2"}]  # steps 2 and 3 only, at the saved level on
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2, 3]
+    assert [entry["episode/game_level"] for entry in trainer.state.log_history if "loss" in entry] == [0, 1, 2]
+
+
+def test_generated_games_train_offline_with_no_alfworld_data_at_all(tiny_path, tmp_path):
+    environment = {key: value for key, value in os.environ.items() if key != "ALFWORLD_DATA"}
+    result = subprocess.run([sys.executable, "train_paw.py", "--model_name_or_path", "tiny", "--games", "generated",
+                             "--curriculum", "--max_steps", "1", "--output_dir", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, env=environment, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'episode/game_level': '0'" in result.stderr + result.stdout
+    assert (tmp_path / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -111,6 +129,9 @@ def test_a_killed_run_resumes_from_its_checkpoint(tiny_path, tmp_path, monkeypat
     (["--task_types", "Sleep"], "invalid choice: 'Sleep'"),
     (["--env_options", "verbose"], "--env_options takes key=value pairs"),
     (["--env_options", "verbose=1"], "--env alfworld takes no option(s) verbose"),
+    (["--curriculum"], "--curriculum needs --games generated"),
+    (["--games", "generated", "--game_level", "9"], "--game_level must be from 0 to 5"),
+    (["--env", "webshop", "--games", "generated"], "--games generated is for --env alfworld"),
 ])
 def test_bad_flags_fail_fast_with_a_clear_message(args, message):
     result = run(["--model_name_or_path", "tiny", *args])
