@@ -3,12 +3,15 @@ model of a realistic shape (Qwen2-style, 35M parameters, 32k vocabulary).
 
     python bench.py             # about 5 minutes on 2 CPU cores; prints markdown tables
 
-1. rollouts of 16 episodes on real ALFWorld games: batched (one `generate` per turn for all live episodes) against
-   the same 16 one at a time; and tokens prefilled per token of the final sequences, with and without KV-cache reuse
-2. where a batched rollout's time goes: environment resets, environment steps, the model
+1. rollouts of 16 episodes: batched (one `generate` per turn for all live episodes) against the same 16 one at a
+   time; and tokens prefilled per token of the final sequences, with and without KV-cache reuse
+2. where a batched rollout's time goes (environment resets and steps, the model), and what an environment costs:
+   official ALFWorld games against generated ones
 3. training step time with `--wm paw` against `--wm off` on identical rollouts (the WM term reuses the policy forward)
+4. memory_estimate.py's GPU memory estimate for the default 7B run (an estimate: nothing here runs on a GPU)
 
-For GPU memory, see memory_estimate.py (an estimate: nothing here runs on a GPU).
+Rollouts play generated level-0 games (small rooms, alfworld_gen.py) on the real engine, so that the model's share
+shows; official games cost more per reset (table 2).
 """
 
 import argparse
@@ -24,17 +27,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PrinterCallback, TrainerCallback
 from trl import GRPOConfig
 
+import memory_estimate
+from alfworld_gen import TASK_TYPES, game_specs, play_walkthrough, resolve
 from env_workers import EnvWorkers
-from envs import list_games
+from envs import alfworld_task_type, list_games
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import build_tiny, tiny_model_path
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward
 
 REALISTIC_SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
                        num_key_value_heads=2)
+# Training-step timing per model: episodes of the recorded rollout, steps per trainer (the first is dropped: one-off
+# costs) and off/paw rounds, interleaved against drift. Sized to fit the whole script in about 5 minutes.
+TRAINING = {"tiny": dict(episodes=8, steps=6, rounds=3), "realistic": dict(episodes=2, steps=3, rounds=2)}
 
 
 class TimedPolicy:
@@ -77,6 +85,20 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
+def environment_costs(per_source=6):
+    """Reset and step milliseconds of official valid_unseen games and generated ones, one task type after another."""
+    official = [g for g in list_games("alfworld", "eval_out_of_distribution", seed=0)]
+    sources = {"official valid_unseen": [next(g for g in official if alfworld_task_type(g) == t) for t in TASK_TYPES],
+               "generated, level 0": [resolve(spec, 0) for spec in game_specs("train", per_source)],
+               "generated, level 5": [resolve(spec, 5) for spec in game_specs("train", per_source)]}
+    rows = []
+    for name, games in sources.items():
+        timings = [play_walkthrough(game)[:2] for game in games[:per_source]]
+        resets, steps = zip(*timings)
+        rows.append(f"| {name} | {1000 * statistics.mean(resets):.0f} | {1000 * statistics.mean(steps):.0f} |")
+    return rows
+
+
 def step_times(path, chat, fields, group, mode, steps, out):
     """Seconds per training step of one trainer on the same recorded rollouts, every step."""
     timer = StepTimer()
@@ -91,6 +113,7 @@ def step_times(path, chat, fields, group, mode, steps, out):
         processing_class=chat.tokenizer, rollout_func=lambda prompts, trainer: fields, callbacks=[timer],
         paw=PaWArguments(wm=mode),
     )
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     return timer.times[1:]  # the first step pays one-off costs
 
@@ -99,8 +122,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=6, help="actions per episode in the rollouts")
     parser.add_argument("--reply_tokens", type=int, default=32, help="tokens per reply (the random model rarely stops)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per mode and round")
-    parser.add_argument("--rounds", type=int, default=2, help="off/paw alternations (interleaved against drift)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     workers = EnvWorkers(2)  # forked before any model exists
@@ -108,7 +129,7 @@ def main():
     models = {"tiny": tiny_model_path(),
               "realistic": build_tiny(os.path.join(out, "realistic"), shape=REALISTIC_SHAPE, vocab_size=32768)}
     chat = ChatFormat(AutoTokenizer.from_pretrained(models["tiny"]))
-    games = list_games("alfworld", "eval_out_of_distribution", num_games=4, seed=0) * 4  # 4 games x 4 episodes
+    games = [resolve(spec, 0) for spec in game_specs("train", 4)] * 4  # 4 games x 4 episodes
     group = 4
 
     rows, split, train = [], [], []
@@ -124,36 +145,43 @@ def main():
         for label, (_, run_seconds, _, run_policy) in runs.items():
             rows.append(f"| {name} ({params:.1f}M) | {label} | {run_seconds:.1f} | "
                         f"{seconds and run_seconds / seconds:.2f} | {run_policy.policy.prefilled / final:.2f} |")
-        actions = sum(len(e.turns) for e in episodes)
         resets = policy.first_call - start
-        steps = seconds - resets - policy.seconds
-        split.append(f"| {name} | {seconds:.1f} | {resets:.1f} | {steps:.1f} | {policy.seconds:.1f} | "
-                     f"{1000 * policy.seconds / policy.calls:.0f} | {1000 * steps / actions:.0f} |")
+        split.append(f"| {name} | {seconds:.1f} | {resets:.1f} | {policy.seconds:.1f} | "
+                     f"{seconds - resets - policy.seconds:.1f} | {1000 * policy.seconds / policy.calls:.0f} |")
 
-        fields = episode_fields(episodes[:8])  # two games x four episodes, the same for both modes
+        training = TRAINING[name]
+        fields = episode_fields(episodes[:training["episodes"]])  # the same episodes for both modes
         times = {"off": [], "paw": []}
-        for _ in range(args.rounds):
+        for _ in range(training["rounds"]):
             for mode in times:
-                times[mode] += step_times(path, chat, fields, group, mode, args.steps, os.path.join(out, mode))
+                times[mode] += step_times(path, chat, fields, min(group, training["episodes"]), mode,
+                                          training["steps"], os.path.join(out, mode))
         off, paw = (statistics.median(times[mode]) for mode in ("off", "paw"))
         tokens = sum(len(p) + len(c) for p, c in zip(fields["prompt_ids"], fields["completion_ids"]))
-        train.append(f"| {name} | {tokens} | {off:.3f} | {paw:.3f} | {paw / off:.3f} |")
+        train.append(f"| {name} | {training['episodes']} | {tokens} | {off:.3f} | {paw:.3f} | {paw / off:.3f} | "
+                     f"{len(times['off'])} |")
     workers.close()
+    costs = environment_costs()
 
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, torch "
           f"{torch.__version__}, 1 thread, 2 environment workers; {len(games)} episodes of up to {args.turns} "
-          f"actions on valid_unseen games, {args.reply_tokens}-token replies\n")
+          f"actions on generated level-0 games, {args.reply_tokens}-token replies\n")
     print("1. rollouts (time relative to batched with cache reuse; prefill = tokens run through the model before "
           "generating / tokens in the final sequences)\n")
     print("| model | rollout | seconds | x batched | prefill / final |\n|---|---|---|---|---|")
     print("\n".join(rows))
-    print("\n2. where a batched rollout's time goes (environments in 2 worker processes)\n")
-    print("| model | rollout s | env resets s | env steps s | model s | model ms per turn | env ms per action |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n2. where a batched rollout's time goes (environments in 2 worker processes; the random models' replies "
+          "are nearly all unparseable, which an environment answers without its engine: real step costs below)\n")
+    print("| model | rollout s | env resets s | model s | env steps + loop s | model ms per turn |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(split))
-    print("\n3. training step on identical rollouts (8 episodes), median seconds\n")
-    print("| model | tokens | off | paw | paw / off |\n|---|---|---|---|---|")
+    print("\n| environment (one game per task type) | reset ms | step ms |\n|---|---|---|")
+    print("\n".join(costs))
+    print("\n3. training step on identical rollouts, median seconds\n")
+    print("| model | episodes | tokens | off | paw | paw / off | steps per mode |\n|---|---|---|---|---|---|---|")
     print("\n".join(train))
+    print("\n4. GPU memory of train_paw.py's defaults (Qwen2.5-7B-Instruct, NF4, LoRA r=16)\n")
+    memory_estimate.main([])
 
 
 if __name__ == "__main__":
