@@ -208,6 +208,14 @@ def env_class(env_name):
     return getattr(importlib.import_module(module), name)
 
 
+def parse_options(pairs):
+    """`--env_options key=value ...` as a dict of strings."""
+    malformed = [pair for pair in pairs or [] if "=" not in pair]
+    if malformed:
+        raise ValueError(f"--env_options takes key=value pairs, got {' '.join(malformed)}")
+    return dict(pair.split("=", 1) for pair in pairs or [])
+
+
 def list_games(env_name, split, num_games=0, task_types=None, seed=None, options=None):
     """Game ids of a split, optionally filtered by task type and cut to `num_games` (a seeded sample if seed).
 

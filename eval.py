@@ -24,7 +24,7 @@ from trl import ModelConfig
 
 from alfworld_gen import LEVELS, game_specs, resolve
 from env_workers import EnvWorkers
-from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, list_games, make_env
+from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, list_games, make_env, parse_options
 from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
 from tiny_model import tiny_model_path
 from train_paw import hardware_dtype, load_model
@@ -90,14 +90,12 @@ def parse_args(argv=None):
         parser.error("--num_games must be >= 1 (leave it out to evaluate every game of the split)")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
-    if any("=" not in option for option in args.env_options):
-        parser.error("--env_options takes key=value pairs")
-    args.env_kwargs = dict(option.split("=", 1) for option in args.env_options)
     if args.games == "generated" and args.env != "alfworld":
         parser.error("--games generated is for --env alfworld")
     if not 0 <= args.game_level < len(LEVELS):
         parser.error(f"--game_level must be from 0 to {len(LEVELS) - 1}")
     try:
+        args.env_kwargs = parse_options(args.env_options)
         if args.games == "generated":  # a split's own seed range: never the games trained on
             args.game_files = [resolve(spec, args.game_level) for spec in game_specs(args.split, args.num_games or 120)]
         else:

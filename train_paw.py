@@ -32,7 +32,7 @@ from trl.models import unwrap_model_for_generation
 
 from alfworld_gen import LEVELS, Curriculum, game_specs, resolve
 from env_workers import EnvWorkers
-from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, make_env
+from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, make_env, parse_options
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import TINY_NAME, tiny_model_path
@@ -104,13 +104,11 @@ class PaWArguments:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        malformed = [option for option in self.env_options or [] if "=" not in option]
-        if malformed:
-            raise ValueError(f"--env_options takes key=value pairs, got {' '.join(malformed)}")
+        parse_options(self.env_options)
 
     @property
     def env_kwargs(self):
-        return dict(option.split("=", 1) for option in self.env_options or [])
+        return parse_options(self.env_options)
 
 
 # The paper's modes (PAW_SPEC §3); an explicit flag overrides its mode's default, which is how ablations are run.

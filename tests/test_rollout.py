@@ -1,14 +1,15 @@
 """The episode loop: sequence layout and masks, malformed output, crashing environments, budgets, the expert."""
 
 import random
+
 import pytest
 import torch
+from scripted import ACTIONS, SCRIPTS, ScriptedEnv, scripted_policy
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from env_workers import EnvWorkers
 from envs import NOTHING_HAPPENS, format_admissible, make_env, parse_action
 from rollout import ModelPolicy, play, random_policy, text_policy
-from scripted import ACTIONS, SCRIPTS, ScriptedEnv, scripted_policy
 from train_paw import episode_fields, make_invalid_action_penalty
 
 

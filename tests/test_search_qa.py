@@ -2,9 +2,9 @@
 turn limit, the HTTP retriever (Search-R1's /retrieve contract) and an unreachable one, your own files, training."""
 
 import json
-from contextlib import contextmanager
 import socket
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest

@@ -6,12 +6,12 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from scripted import ScriptedEnv, scripted_policy
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from losses import TOKEN_LOSSES
 from rollout import play
-from scripted import ScriptedEnv, scripted_policy
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward
 
 GROUP = 4
