@@ -41,7 +41,11 @@ def adaptive_lambda(group_mean_return, r_max=1.0):
     return (1 - group_mean_return / r_max).clamp(0.0, 1.0)
 
 
-def wm_objective(transition_loss, selected, weight):
-    """mean over selected transitions t of ( weight_t * L_WM(t) ); 0 (still differentiable) if none is selected."""
+def wm_objective(transition_loss, selected, weight, num_selected):
+    """sum over selected transitions t of ( weight_t * L_WM(t) ) / num_selected: the mean over selected transitions.
+
+    num_selected counts the selected transitions of the whole batch, so that when TRL splits the batch into
+    micro-batches their terms add up to one mean in which every selected transition weighs the same.
+    """
     terms = torch.where(selected, weight * transition_loss, torch.zeros_like(transition_loss))
-    return terms.sum() / selected.sum().clamp(min=1)
+    return terms.sum() / num_selected

@@ -36,7 +36,7 @@ from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, mak
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import TINY_NAME, tiny_model_path
-from wm_select import action_entropy, select_top_alpha
+from wm_select import action_entropy, num_selected, select_top_alpha
 
 
 @dataclass
@@ -153,6 +153,7 @@ TINY_FLAGS = dict(num_generations=4, per_device_train_batch_size=4, gradient_acc
 class PaWTrainer(GRPOTrainer):
     def __init__(self, *args, paw: PaWArguments, **kwargs):
         super().__init__(*args, **kwargs)
+        check_temperature(paw, self.args)
         self.paw = paw
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -168,8 +169,16 @@ class PaWTrainer(GRPOTrainer):
         # indices and each group's mean task return into the batch that compute_loss receives.
         output = super()._generate_and_score_completions(inputs)
         device, width = output["completion_ids"].device, output["completion_ids"].size(1)
+        live = output["completion_mask"].bool()  # --mask_truncated_completions zeroes a truncated episode's tokens
         for key in ("action_index", "obs_index"):
-            output[key] = torch.tensor([row[key] + [-1] * (width - len(row[key])) for row in inputs], device=device)
+            index = torch.tensor([row[key] + [-1] * (width - len(row[key])) for row in inputs], device=device)
+            output[key] = index.where(live, -1)
+        # The WM mean's denominator: how many transitions top-alpha selects in the whole generation batch, over all
+        # processes. A 0-dim tensor reaches every micro-batch whole, like TRL's own num_items_in_batch.
+        obs_index = output["obs_index"]
+        has_target = torch.zeros(len(inputs), int(obs_index.max()) + 2, device=device).scatter_(1, obs_index + 1, 1)
+        eligible = self.accelerator.gather(has_target[:, 1:].sum()).sum()  # transitions with observation tokens
+        output["wm_num_selected"] = torch.tensor(float(num_selected(int(eligible), self.paw.wm_alpha)), device=device)
         group = self.num_generations if self.model.training else self.num_generations_eval
         returns = self.accelerator.gather(torch.tensor([row["task_return"] for row in inputs], device=device))
         group_return = returns.view(-1, group).mean(dim=1).repeat_interleave(group)
@@ -196,19 +205,24 @@ class PaWTrainer(GRPOTrainer):
             weight = adaptive_lambda(inputs["group_return"])  # lambda_g = clip(1 - R_g / R_max, 0, 1)
         else:
             weight = torch.ones_like(inputs["group_return"])
-        wm_loss = wm_objective(transition_loss, selected, weight.unsqueeze(1).to(transition_loss.dtype))
-        # TRL's loss is already divided for gradient accumulation; the extra term must divide itself.
-        loss = loss + paw.wm_beta * wm_loss / self.current_gradient_accumulation_steps
+        weight = weight.unsqueeze(1).to(transition_loss.dtype)
+        # A mean over the selected transitions of the whole generation batch, to which each micro-batch adds its
+        # share: scaled for gradient accumulation and processes the way TRL scales its own default ("dapo") loss.
+        normalizer = inputs["wm_num_selected"].clamp(min=1) / self.accelerator.num_processes
+        if self.model.training:
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        loss = loss + paw.wm_beta * wm_objective(transition_loss, selected, weight, normalizer)
 
         # TRY NOT TO MODIFY: logging
         with torch.no_grad():
             in_selected = (obs_index >= 0) & selected.gather(1, obs_index.clamp(min=0))
+            wm_loss = wm_objective(transition_loss, selected, weight, selected.sum().clamp(min=1))  # this micro-batch
             stats = {"wm/loss": wm_loss, "wm/lambda_mean": weight.float().mean(),
                      "wm/selected_frac": selected.sum() / (num_targets > 0).sum().clamp(min=1)}
             if paw.wm_loss == "cmae":
                 clipped = (logps.exp() > paw.cmae_rho) & in_selected
                 stats["wm/clipped_frac"] = clipped.sum() / in_selected.sum().clamp(min=1)
-        mode = "train" if model.training else "eval"
+        mode = "train" if self.model.training else "eval"
         for name, value in stats.items():
             self._metrics[mode][name].append(self.accelerator.gather(value.detach().float()).mean().item())
         return loss
@@ -318,6 +332,13 @@ def load_model(model_args: ModelConfig, device):
     return model, tokenizer
 
 
+def check_temperature(paw: PaWArguments, args: GRPOConfig):
+    if paw.wm != "off" and args.temperature != 1.0:
+        raise ValueError("--wm echo/paw needs --temperature 1.0: the WM loss and the action entropy are defined at "
+                         "temperature 1, and they share the policy forward, whose log-probs TRL computes at "
+                         "--temperature")
+
+
 def parse_args(argv=None):
     parser = TrlParser((PaWArguments, GRPOConfig, ModelConfig))
     parser.set_defaults(**default_flags())
@@ -326,10 +347,7 @@ def parse_args(argv=None):
         if model_args.model_name_or_path == TINY_NAME:
             parser.set_defaults(**TINY_FLAGS)
             paw, training_args, model_args = parser.parse_args_and_config(argv)
-        if paw.wm != "off" and training_args.temperature != 1.0:
-            raise ValueError("--wm echo/paw needs --temperature 1.0: the WM loss and the action entropy are defined "
-                             "at temperature 1, and they share the policy forward, whose log-probs TRL computes at "
-                             "--temperature")
+        check_temperature(paw, training_args)
         if training_args.use_vllm:
             raise ValueError("--use_vllm is not supported: PaW's multi-turn rollouts generate with transformers")
         if training_args.max_completion_length < paw.max_action_tokens:

@@ -31,6 +31,11 @@ def action_entropy(token_entropy, action_index, num_transitions):
     return per_transition_mean(token_entropy.float(), action_index, num_transitions)[0]
 
 
+def num_selected(num_eligible, alpha):
+    """How many of num_eligible transitions top-alpha selection keeps: ceil(alpha * n)."""
+    return math.ceil(alpha * num_eligible)
+
+
 def select_top_alpha(scores, eligible, alpha):
     """Boolean mask of the ceil(alpha * n) highest-scoring of the n eligible entries of `scores` (any shape).
 
@@ -38,7 +43,7 @@ def select_top_alpha(scores, eligible, alpha):
     alpha = 1 selects every eligible entry.
     """
     flat_scores, flat_eligible = scores.flatten(), eligible.flatten()
-    k = math.ceil(alpha * int(flat_eligible.sum()))
+    k = num_selected(int(flat_eligible.sum()), alpha)
     ranked = torch.where(flat_eligible, flat_scores, -math.inf)
     order = torch.sort(ranked, descending=True, stable=True).indices[:k]
     selected = torch.zeros_like(flat_eligible)

@@ -95,5 +95,14 @@ def test_wm_objective_is_the_weighted_mean_over_selected_transitions():
     loss = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     selected = torch.tensor([[True, False], [True, True]])
     weight = torch.tensor([[0.5], [1.0]])
-    assert wm_objective(loss, selected, weight).item() == pytest.approx((0.5 * 1 + 3 + 4) / 3)
-    assert wm_objective(loss, torch.zeros_like(selected), weight).item() == 0.0
+    assert wm_objective(loss, selected, weight, 3).item() == pytest.approx((0.5 * 1 + 3 + 4) / 3)
+    assert wm_objective(loss, torch.zeros_like(selected), weight, 1).item() == 0.0
+
+
+def test_wm_objective_over_micro_batches_adds_up_to_the_batch_mean():
+    loss, weight = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]), torch.tensor([[0.5], [1.0], [0.25]])
+    selected = torch.tensor([[True, False], [True, True], [True, False]])
+    whole = wm_objective(loss, selected, weight, 4)
+    parts = [wm_objective(loss[rows], selected[rows], weight[rows], 4) for rows in ([0], [1, 2])]
+    assert sum(parts).item() == pytest.approx(whole.item())
+    assert whole.item() == pytest.approx((0.5 * 1 + 3 + 4 + 0.25 * 5) / 4)

@@ -20,11 +20,17 @@ SERIALS = [0, 1, 2, 3, 3, 2, 3, 2]
 LR = 0.5
 
 
-def scripted_rollout(chat, serials=SERIALS):
+def scripted_rollout(chat, serials=SERIALS, cut=None):
+    """Scripted episodes; `cut` names one whose last token is dropped, which TRL then sees as truncated."""
+
     def rollout_func(prompts, trainer):
         envs = [ScriptedEnv(game, serial) for game, serial in zip(prompts, serials, strict=True)]
         rollout_func.episodes = play(envs, scripted_policy(chat), chat, max_steps=3)
-        return episode_fields(rollout_func.episodes)
+        fields = episode_fields(rollout_func.episodes)
+        if cut is not None:
+            for key in ("completion_ids", "env_mask", "action_index", "obs_index"):
+                fields[key][cut] = fields[key][cut][:-1]
+        return fields
 
     return rollout_func
 
@@ -39,17 +45,23 @@ def sgd_config(tmp_path, **overrides):
     )
 
 
-def train_once(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, **config):
-    """Train one step on the scripted rollouts; return (initial params, update, trainer)."""
+def build_trainer(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, cut=None, **config):
+    """A GRPOTrainer (paw=None) or PaWTrainer on the scripted rollouts of two games."""
     model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    games = Dataset.from_dict({"prompt": ["room-a", "room-b"]})
     kwargs = dict(
         model=model, reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=sgd_config(tmp_path, **config),
-        train_dataset=Dataset.from_dict({"prompt": ["room-a", "room-b"]}), processing_class=chat.tokenizer,
-        rollout_func=scripted_rollout(chat, serials),
+        train_dataset=games, eval_dataset=games, processing_class=chat.tokenizer,
+        rollout_func=scripted_rollout(chat, serials, cut),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
         if peft else None,
     )
-    trainer = GRPOTrainer(**kwargs) if paw is None else PaWTrainer(paw=paw, **kwargs)
+    return GRPOTrainer(**kwargs) if paw is None else PaWTrainer(paw=paw, **kwargs)
+
+
+def train_once(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, cut=None, **config):
+    """Train one step on the scripted rollouts; return (initial params, update, trainer)."""
+    trainer = build_trainer(tiny_path, chat, tmp_path, paw, peft, serials, cut, **config)
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
     trainer.train()
@@ -64,10 +76,13 @@ def test_wm_off_is_bit_identical_to_plain_grpo(tiny_path, chat, tmp_path):
     assert "wm/loss" not in off.state.log_history[0]
 
 
-def reference_wm_loss(model, episodes, paw):
-    """beta * L_WM written out with plain loops over episodes, transitions and tokens (PAW_SPEC §1, §2)."""
+def reference_wm_loss(model, episodes, paw, skip=None):
+    """beta * L_WM written out with plain loops over episodes, transitions and tokens (PAW_SPEC §1, §2); the
+    episode numbered `skip` has no WM targets (but still counts in its group's return)."""
     rows = []  # (action entropy, WM loss, lambda) per transition that has observation tokens
     for b, e in enumerate(episodes):
+        if b == skip:
+            continue
         ids = torch.tensor([e.prompt_ids + e.completion_ids])
         logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1].float()  # predicts each completion token
         logp = torch.log_softmax(logits, dim=-1)
@@ -100,19 +115,42 @@ def test_wm_update_is_minus_lr_times_the_wm_gradient(tiny_path, chat, tmp_path, 
     assert trainer.state.log_history[0]["wm/loss"] == pytest.approx(reference / paw.wm_beta, rel=1e-4)
 
 
-def test_with_gradient_accumulation_the_wm_term_divides_itself(tiny_path, chat, tmp_path):
-    # Every episode fails and has three transitions, so each micro-batch mean weighs transitions equally and the
-    # expected term does not depend on how TRL shuffles episodes into the two micro-batches.
-    paw = PaWArguments(wm="paw", wm_alpha=1.0, wm_weighting="constant")
-    serials = [2, 3, 2, 3, 3, 2, 3, 2]
-    config = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2)
-    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"), **config,
-                                       serials=serials)
-    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / "paw", paw, serials=serials, **config)
+def test_micro_batches_add_up_to_the_mean_over_the_whole_batch(tiny_path, chat, tmp_path):
+    # Episodes of two and three transitions, split into micro-batches of 2: a mean per micro-batch would weigh
+    # their transitions unequally. With alpha = 1 the mean over the batch does not depend on TRL's shuffle.
+    paw = PaWArguments(wm="paw", wm_alpha=1.0)
+    config = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"), **config)
+    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / "paw", paw, **config)
     assert compare_with_reference(before, off_update, wm_update, trainer, paw)[0] < 1e-3
 
 
-def compare_with_reference(before, off_update, wm_update, trainer, paw):
+def test_a_completion_trl_masks_as_truncated_gives_no_wm_targets(tiny_path, chat, tmp_path):
+    paw, config = PaWArguments(wm="paw", wm_alpha=1.0), dict(mask_truncated_completions=True, cut=5)
+    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"), **config)
+    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / "paw", paw, **config)
+    assert compare_with_reference(before, off_update, wm_update, trainer, paw, skip=5)[0] < 1e-3
+
+
+def test_evaluate_adds_beta_times_the_wm_mean_to_the_loss(tiny_path, chat, tmp_path):
+    paw = PaWArguments(wm="paw")
+    losses = {}
+    for mode in ("off", "paw"):
+        trainer = build_trainer(tiny_path, chat, tmp_path / mode, PaWArguments(wm=mode), per_device_eval_batch_size=8)
+        metrics = trainer.evaluate()  # before any training step
+        losses[mode] = metrics["eval_loss"]
+    assert "eval_wm/loss" in metrics
+    reference = reference_wm_loss(trainer.model, trainer.rollout_func.episodes, paw).item()
+    assert reference > 0
+    assert losses["paw"] - losses["off"] == pytest.approx(reference, rel=1e-3)
+
+
+def test_the_trainer_itself_refuses_a_temperature_other_than_1(tiny_path, chat, tmp_path):
+    with pytest.raises(ValueError, match="--temperature 1.0"):
+        build_trainer(tiny_path, chat, tmp_path, PaWArguments(wm="paw"), temperature=0.7)
+
+
+def compare_with_reference(before, off_update, wm_update, trainer, paw, skip=None):
     """The relative error || (update_wm - update_off) - (-lr * grad(beta * L_WM)) || / || lr * grad ||, with the
     gradient recomputed on the initial weights from the rollouts the trainer saw; and beta * L_WM itself."""
     model = trainer.model
@@ -121,7 +159,7 @@ def compare_with_reference(before, off_update, wm_update, trainer, paw):
             if name in before:
                 param.copy_(before[name])
     model.zero_grad()
-    reference = reference_wm_loss(model, trainer.rollout_func.episodes, paw)
+    reference = reference_wm_loss(model, trainer.rollout_func.episodes, paw, skip)
     reference.backward()
     expected = torch.cat([-LR * p.grad.flatten() for n, p in model.named_parameters() if n in before])
     got = torch.cat([(wm_update[n] - off_update[n]).flatten() for n in before])
