@@ -1,7 +1,7 @@
 """Where the time goes, measured side by side in one run on this machine, with the tiny model and with a random
 model of a realistic shape (Qwen2-style, 35M parameters, 32k vocabulary).
 
-    python bench.py             # about 5 minutes on 2 CPU cores; prints markdown tables
+    python bench.py             # about 4 minutes on 2 CPU cores; prints markdown tables
 
 1. rollouts of 16 episodes: batched (one `generate` per turn for all live episodes) against the same 16 one at a
    time; and tokens prefilled per token of the final sequences, with and without KV-cache reuse

@@ -35,6 +35,7 @@ class TextEnv(Protocol):
     system_prompt: str
     task_type: str  # for per-type results, e.g. "Pick"
     walkthrough: list[str]  # after reset: replies that solve the game (for the expert policy and tests)
+    eval_max_steps: int  # actions per episode in the literature's evaluations: eval.py's default
 
     @staticmethod
     def games(split: str, **options) -> list[str]: ...  # the game ids of a split
@@ -154,6 +155,7 @@ class AlfWorldEnv:
     """
 
     system_prompt = ALFWORLD_SYSTEM_PROMPT
+    eval_max_steps = 50
     games = staticmethod(alfworld_games)
 
     def __init__(self, game):

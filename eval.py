@@ -24,7 +24,7 @@ from trl import ModelConfig
 
 from alfworld_gen import LEVELS, game_specs, resolve
 from env_workers import EnvWorkers
-from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, list_games, make_env, parse_options
+from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, list_games, make_env, parse_options
 from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
 from tiny_model import tiny_model_path
 from train_paw import hardware_dtype, load_model
@@ -58,7 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_games", type=int, help="evaluate a fixed seeded sample of this many games")
     parser.add_argument("--batch_size", type=int, default=16, help="games played at once (one generate per turn)")
-    parser.add_argument("--max_env_steps", type=int, default=50, help="actions per episode (50 in the literature)")
+    parser.add_argument("--max_env_steps", type=int,
+                        help="actions per episode; default as in the literature: ALFWorld 50, WebShop 15, search 4")
     parser.add_argument("--max_action_tokens", type=int, default=256)
     parser.add_argument("--max_completion_length", type=int, default=16384,
                         help="token cap of a whole episode for --policy model (expert and random have none)")
@@ -74,6 +75,8 @@ def parse_args(argv=None):
                         help="also report next-observation NLL per token and top-1 accuracy")
     parser.add_argument("--output", default="eval_results/result", help="writes OUTPUT.json and OUTPUT.jsonl")
     args = parser.parse_args(argv)
+    if args.max_env_steps is None:
+        args.max_env_steps = env_class(args.env).eval_max_steps
 
     if args.policy == "model" and not args.model_name_or_path:
         parser.error("--policy model needs --model_name_or_path")
@@ -252,8 +255,8 @@ def evaluate(args):
         summary["wm_eval"] = wm_diagnostic(model, [e for eps in runs for e in eps])
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    with open(output.with_suffix(".jsonl"), "w") as f:
+    output.with_name(output.name + ".json").write_text(json.dumps(summary, indent=2))
+    with open(output.with_name(output.name + ".jsonl"), "w") as f:
         for run, (seed, episodes) in enumerate(zip(seeds, runs)):
             for e in episodes:
                 f.write(json.dumps(trajectory(e, run, seed)) + "\n")

@@ -309,6 +309,7 @@ class SearchQAEnv:
     default 4; the episode also stops at --max_env_steps, whichever comes first)."""
 
     system_prompt = SEARCH_SYSTEM_PROMPT
+    eval_max_steps = 4  # Search-R1's turn limit; max_turns= sets the environment's own
 
     @staticmethod
     def games(split, data_dir=None, retriever_url=None, max_turns=4):

@@ -338,6 +338,7 @@ class WebShopEnv:
     small-setting files; default: the built-in catalog)."""
 
     system_prompt = WEBSHOP_SYSTEM_PROMPT
+    eval_max_steps = 15
 
     @staticmethod
     def games(split, data_dir=None):

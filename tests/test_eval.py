@@ -51,6 +51,17 @@ def test_the_random_policy_is_a_stable_low_floor(tmp_path):
     assert actions[:6] != actions[6:]  # the two runs used different seeds
 
 
+@pytest.mark.parametrize("env,steps,games", [("alfworld", 50, ["--games", "generated"]), ("webshop", 15, []),
+                                             ("search", 4, [])])
+def test_each_environment_has_its_literature_step_budget_and_dotted_output_names_stay(tmp_path, env, steps, games):
+    output = tmp_path / "qwen2.5-7b"
+    summary = evaluation.main(["--env", env, *games, "--policy", "expert", "--num_games", "2", "--env_workers", "0",
+                               "--output", str(output)])
+    assert summary["max_env_steps"] == steps and summary["success_rate"]["mean"] == 1.0
+    assert json.loads((tmp_path / "qwen2.5-7b.json").read_text()) == json.loads(json.dumps(summary))
+    assert len((tmp_path / "qwen2.5-7b.jsonl").read_text().splitlines()) == 2
+
+
 def test_the_tiny_model_on_real_games_writes_results_that_replay(tmp_path, chat):
     summary, trajectories = run_eval(tmp_path, "--model_name_or_path", "tiny", "--num_games", "3",
                                      "--max_env_steps", "3", "--max_action_tokens", "24", "--temperature", "1",
