@@ -309,7 +309,7 @@ class SearchQAEnv:
     default 4; the episode also stops at --max_env_steps, whichever comes first)."""
 
     system_prompt = SEARCH_SYSTEM_PROMPT
-    eval_max_steps = 4  # Search-R1's turn limit; max_turns= sets the environment's own
+    eval_max_steps = 50  # no cap of eval.py's own: max_turns= (4, Search-R1's limit) ends an episode first
 
     @staticmethod
     def games(split, data_dir=None, retriever_url=None, max_turns=4):

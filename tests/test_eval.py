@@ -52,7 +52,7 @@ def test_the_random_policy_is_a_stable_low_floor(tmp_path):
 
 
 @pytest.mark.parametrize("env,steps,games", [("alfworld", 50, ["--games", "generated"]), ("webshop", 15, []),
-                                             ("search", 4, [])])
+                                             ("search", 50, [])])
 def test_each_environment_has_its_literature_step_budget_and_dotted_output_names_stay(tmp_path, env, steps, games):
     output = tmp_path / "qwen2.5-7b"
     summary = evaluation.main(["--env", env, *games, "--policy", "expert", "--num_games", "2", "--env_workers", "0",
@@ -60,6 +60,13 @@ def test_each_environment_has_its_literature_step_budget_and_dotted_output_names
     assert summary["max_env_steps"] == steps and summary["success_rate"]["mean"] == 1.0
     assert json.loads((tmp_path / "qwen2.5-7b.json").read_text()) == json.loads(json.dumps(summary))
     assert len((tmp_path / "qwen2.5-7b.jsonl").read_text().splitlines()) == 2
+
+
+def test_search_episodes_run_to_the_environments_own_turn_limit(tmp_path):
+    summary = evaluation.main(["--env", "search", "--env_options", "max_turns=6", "--model_name_or_path", "tiny",
+                               "--num_games", "1", "--max_action_tokens", "8", "--env_workers", "0",
+                               "--output", str(tmp_path / "result")])
+    assert summary["avg_steps"]["mean"] == 6  # the tiny model never answers: the episode ends at max_turns
 
 
 def test_the_tiny_model_on_real_games_writes_results_that_replay(tmp_path, chat):
