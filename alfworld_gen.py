@@ -368,6 +368,12 @@ class Curriculum:
             self.recent.clear()  # outcomes at the old level say nothing about the new one
         return self.level
 
+    def state_dict(self):
+        return {"level": self.level, "recent": list(self.recent)}
+
+    def load_state_dict(self, state):
+        self.level, self.recent = state["level"], deque(state["recent"], maxlen=self.recent.maxlen)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmark: reset and step times of generated games against official ones, measured side by side.
@@ -392,8 +398,9 @@ def play_walkthrough(game):
     return reset_time, step_time, steps
 
 
-def bench(levels, per_type, seed=0):
-    """Print a markdown table of reset/step times: generated games per level and official valid_unseen games."""
+def time_games(levels, per_type, seed=0):
+    """Official valid_unseen games and generated games of each level, `per_type` per task type, played round robin
+    (so that load changes hit every source alike): {source: [(reset s, mean step s, won, receptacles) per game]}."""
     import tempfile
 
     from envs import alfworld_games, alfworld_task_type
@@ -407,12 +414,18 @@ def bench(levels, per_type, seed=0):
             sources[f"generated, level {level}"] = write_games(root, level=level, count=per_type, seed=seed)
         results = {name: [] for name in sources}
         play_walkthrough(sources[f"generated, level {levels[0]}"][0])  # imports and first-use caches: not a reset cost
-        for i in range(len(TASK_TYPES) * per_type):  # round robin, so load changes hit every source alike
+        for i in range(len(TASK_TYPES) * per_type):
             for name, games in sources.items():
                 reset_time, step_time, steps = play_walkthrough(games[i])
                 problem = json.loads(Path(games[i]).read_text())["pddl_problem"]
                 receptacles = len(re.findall(r"^\s*\w+_bar_\w+ - receptacle$", problem, re.MULTILINE))
                 results[name].append((reset_time, step_time, steps[-1][1].won, receptacles))
+    return results
+
+
+def bench(levels, per_type, seed=0):
+    """Print a markdown table of reset/step times: generated games per level and official valid_unseen games."""
+    results = time_games(levels, per_type, seed)
     print(f"| games ({per_type} per task type) | receptacles | reset ms (mean / max) | step ms (mean) "
           "| walkthrough wins |")
     print("|---|---|---|---|---|")

@@ -31,9 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from trl import GRPOConfig
 
 import memory_estimate
-from alfworld_gen import TASK_TYPES, game_specs, play_walkthrough, resolve
+from alfworld_gen import game_specs, resolve, time_games
 from env_workers import EnvWorkers
-from envs import alfworld_task_type, list_games
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import build_tiny, tiny_model_path
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward
@@ -85,17 +84,12 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def environment_costs(per_source=6):
-    """Reset and step milliseconds of official valid_unseen games and generated ones, one task type after another."""
-    official = [g for g in list_games("alfworld", "eval_out_of_distribution", seed=0)]
-    sources = {"official valid_unseen": [next(g for g in official if alfworld_task_type(g) == t) for t in TASK_TYPES],
-               "generated, level 0": [resolve(spec, 0) for spec in game_specs("train", per_source)],
-               "generated, level 5": [resolve(spec, 5) for spec in game_specs("train", per_source)]}
+def environment_costs():
+    """Reset and step milliseconds of official valid_unseen games and generated ones, one game per task type."""
     rows = []
-    for name, games in sources.items():
-        timings = [play_walkthrough(game)[:2] for game in games[:per_source]]
-        resets, steps = zip(*timings)
-        rows.append(f"| {name} | {1000 * statistics.mean(resets):.0f} | {1000 * statistics.mean(steps):.0f} |")
+    for name, games in time_games(levels=[0, 5], per_type=1).items():
+        resets, steps = (statistics.mean(game[k] for game in games) for k in (0, 1))
+        rows.append(f"| {name} | {1000 * resets:.0f} | {1000 * steps:.0f} |")
     return rows
 
 

@@ -64,7 +64,7 @@ class RemoteEnv:
 
 
 class EnvWorkers:
-    """n worker processes; environments are spread over them in turn.
+    """n worker processes; environments are spread over them in turn. With n = 0 environments live in this process.
 
     Workers are forked: create them early (before the model is loaded) so that they stay small.
     """
@@ -78,6 +78,8 @@ class EnvWorkers:
             self._conns.append(parent)
 
     def make(self, env_name, game, options=None):
+        if not self._conns:
+            return make_env(env_name, game, options)
         self._count += 1
         conn = self._conns[self._count % len(self._conns)]
         conn.send((self._count, "make", (env_name, game, options)))

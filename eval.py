@@ -24,7 +24,7 @@ from trl import ModelConfig
 
 from alfworld_gen import LEVELS, game_specs, resolve
 from env_workers import EnvWorkers
-from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, list_games, make_env, parse_options
+from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
 from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
 from tiny_model import tiny_model_path
 from train_paw import hardware_dtype, load_model
@@ -59,7 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_games", type=int, help="evaluate a fixed seeded sample of this many games")
     parser.add_argument("--batch_size", type=int, default=16, help="games played at once (one generate per turn)")
     parser.add_argument("--max_env_steps", type=int,
-                        help="actions per episode; default as in the literature: ALFWorld 50, WebShop 15, search 4")
+                        help="actions per episode; default as in the literature: ALFWorld 50, WebShop 15, search "
+                             "50 (its own max_turns=, 4 by default, ends episodes first)")
     parser.add_argument("--max_action_tokens", type=int, default=256)
     parser.add_argument("--max_completion_length", type=int, default=16384,
                         help="token cap of a whole episode for --policy model (expert and random have none)")
@@ -129,12 +130,10 @@ def make_policy(args, chat, model, seed):
         return expert_policy(chat)
     if args.policy == "random":
         return random_policy(chat, seed)
-    stops = model.generation_config.eos_token_id
     config = GenerationConfig(
         max_new_tokens=args.max_action_tokens, do_sample=args.temperature > 0, use_cache=True,
         temperature=args.temperature or None, top_p=args.top_p if args.temperature > 0 else None,
-        pad_token_id=chat.tokenizer.pad_token_id,
-        eos_token_id=sorted({chat.eot_id, *([stops] if isinstance(stops, int) else stops or [])}),
+        pad_token_id=chat.tokenizer.pad_token_id, eos_token_id=model.generation_config.eos_token_id,
     )
     return ModelPolicy(model, chat, config, args.reuse_cache)
 
@@ -143,10 +142,10 @@ def run_episodes(args, chat, model, workers, seed, progress):
     torch.manual_seed(seed)
     policy = make_policy(args, chat, model, seed)
     max_tokens = args.max_completion_length if args.policy == "model" else None
-    make = workers.make if workers else make_env
     episodes = []
     for start in range(0, len(args.game_files), args.batch_size):
-        envs = [make(args.env, game, args.env_kwargs) for game in args.game_files[start:start + args.batch_size]]
+        games = args.game_files[start:start + args.batch_size]
+        envs = [workers.make(args.env, game, args.env_kwargs) for game in games]
         episodes += play(envs, policy, chat, args.max_env_steps, max_tokens, args.show_admissible,
                          args.max_observation_tokens)
         progress.update(len(envs))
@@ -243,13 +242,12 @@ def markdown(summary):
 
 
 def evaluate(args):
-    workers = EnvWorkers(args.env_workers) if args.env_workers else None  # forked before the model loads: small
+    workers = EnvWorkers(args.env_workers)  # forked before the model loads: small
     chat, model = load(args)
     seeds = [args.seed + k for k in range(args.num_runs)]
     with tqdm(total=len(args.game_files) * len(seeds), desc="games", unit="game") as progress:
         runs = [run_episodes(args, chat, model, workers, seed, progress) for seed in seeds]
-    if workers:
-        workers.close()
+    workers.close()
     summary = summarize(args, runs, seeds)
     if args.wm_eval:
         summary["wm_eval"] = wm_diagnostic(model, [e for eps in runs for e in eps])

@@ -232,6 +232,7 @@ class ModelPolicy:
         self.generation_config.return_dict_in_generate = True  # to get the cache back
         stops = generation_config.eos_token_id
         self.stop_ids = {chat.eot_id, *([stops] if isinstance(stops, int) else stops or [])}
+        self.generation_config.eos_token_id = sorted(self.stop_ids)  # a reply also ends with the end of its turn
         self.cache, self.kept = None, {}  # id(episode) -> (row in self.cache, cache positions, their token ids)
         self.prefilled = 0  # tokens run through the model before generating (prompt or history), for bench.py
         self.last_logprobs = []

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import warnings
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,11 +31,11 @@ from trl.models import unwrap_model_for_generation
 
 from alfworld_gen import LEVELS, Curriculum, game_specs, resolve
 from env_workers import EnvWorkers
-from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, make_env, parse_options
+from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, parse_options
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import TINY_NAME, tiny_model_path
-from wm_select import action_entropy, num_selected, select_top_alpha
+from wm_select import action_entropy, num_selected, per_transition_mean, select_top_alpha
 
 
 @dataclass
@@ -176,8 +175,8 @@ class PaWTrainer(GRPOTrainer):
         # The WM mean's denominator: how many transitions top-alpha selects in the whole generation batch, over all
         # processes. A 0-dim tensor reaches every micro-batch whole, like TRL's own num_items_in_batch.
         obs_index = output["obs_index"]
-        has_target = torch.zeros(len(inputs), int(obs_index.max()) + 2, device=device).scatter_(1, obs_index + 1, 1)
-        eligible = self.accelerator.gather(has_target[:, 1:].sum()).sum()  # transitions with observation tokens
+        num_targets = per_transition_mean(live.float(), obs_index, int(obs_index.max().clamp(min=0)) + 1)[1]
+        eligible = self.accelerator.gather((num_targets > 0).sum()).sum()  # as compute_loss counts them
         output["wm_num_selected"] = torch.tensor(float(num_selected(int(eligible), self.paw.wm_alpha)), device=device)
         group = self.num_generations if self.model.training else self.num_generations_eval
         returns = self.accelerator.gather(torch.tensor([row["task_return"] for row in inputs], device=device))
@@ -246,7 +245,7 @@ class PaWTrainer(GRPOTrainer):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers | None, curriculum: Curriculum | None):
+def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers, curriculum: Curriculum | None):
     def rollout_func(prompts, trainer):
         """prompts: one game id per episode; TRL has repeated each game num_generations times (the group)."""
         level = curriculum.level if curriculum else paw.game_level
@@ -254,10 +253,9 @@ def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers |
             prompts = [resolve(spec, level) for spec in prompts]
         generation_config = copy.deepcopy(trainer.generation_config)
         generation_config.max_new_tokens = paw.max_action_tokens
-        generation_config.eos_token_id = sorted({chat.eot_id, *trainer.eos_token_ids})
         generation_config.use_cache = True
-        make = workers.make if workers else make_env
-        envs = [make(paw.env, game, paw.env_kwargs) for game in prompts]
+        options = paw.env_kwargs
+        envs = [workers.make(paw.env, game, options) for game in prompts]
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
@@ -313,8 +311,8 @@ class CurriculumCheckpoint(TrainerCallback):
         self.curriculum = curriculum
 
     def on_save(self, args, state, control, **kwargs):
-        saved = {"level": self.curriculum.level, "recent": list(self.curriculum.recent)}
-        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / CURRICULUM_FILE).write_text(json.dumps(saved))
+        saved = json.dumps(self.curriculum.state_dict())
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / CURRICULUM_FILE).write_text(saved)
 
 
 CURRICULUM_FILE = "curriculum.json"
@@ -376,9 +374,8 @@ def main(argv=None):
     curriculum = Curriculum(paw.game_level) if paw.curriculum else None
     saved = training_args.resume_from_checkpoint and Path(training_args.resume_from_checkpoint) / CURRICULUM_FILE
     if curriculum and saved and saved.exists():
-        state = json.loads(saved.read_text())
-        curriculum.level, curriculum.recent = state["level"], deque(state["recent"], maxlen=curriculum.recent.maxlen)
-    workers = EnvWorkers(paw.env_workers) if paw.env_workers else None  # forked before the model loads: small
+        curriculum.load_state_dict(json.loads(saved.read_text()))
+    workers = EnvWorkers(paw.env_workers)  # forked before the model loads: small
     model, tokenizer = load_model(model_args, training_args.device)
     chat = ChatFormat(tokenizer)
     trainer = PaWTrainer(
@@ -399,8 +396,7 @@ def main(argv=None):
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
-        if workers:
-            workers.close()
+        workers.close()
     trainer.save_model(training_args.output_dir)
     return trainer
 

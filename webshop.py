@@ -153,6 +153,11 @@ def build_catalog(seed=CATALOG_SEED):
     return products, goals
 
 
+def goal_option_values(goal):
+    """The option values a goal asks for: the built-in goals name them ({name: value}), WebShop's list them."""
+    return list(goal["options"].values()) if isinstance(goal["options"], dict) else list(goal["options"])
+
+
 def goal_of(product, instruction, attributes, options, price_upper, expert_query):
     """A goal: what the instruction asks for, the target product's identity (for WebShop's type match), and the
     search an expert types (for the walkthrough)."""
@@ -267,7 +272,7 @@ def webshop_reward(product, chosen, goal):
     (goal attributes found + chosen options that match a goal option + price within the cap) / (attributes + goal
     options + 1), times the type factor. A size must match exactly, other options fuzzily; an attribute or option
     also counts when the product's text names it."""
-    goal_options = list(goal["options"].values()) if isinstance(goal["options"], dict) else list(goal["options"])
+    goal_options = goal_option_values(goal)
     found = sum(any(fuzzy_match(have, attribute) for have in product["attributes"]) or mentions(product, attribute)
                 for attribute in goal["attributes"])
     matched = sum(
@@ -372,9 +377,9 @@ class WebShopEnv:
         if asin not in found:
             return []
         offered = {value for values in self.shop.by_asin[asin.lower()]["options"].values() for value in values}
-        values = self.goal["options"].values() if isinstance(self.goal["options"], dict) else self.goal["options"]
         actions = ([f"search[{query}]"] + ["click[next >]"] * (found.index(asin) // PAGE_SIZE)
-                   + [f"click[{asin.lower()}]"] + [f"click[{value}]" for value in values if value in offered]
+                   + [f"click[{asin.lower()}]"]
+                   + [f"click[{value}]" for value in goal_option_values(self.goal) if value in offered]
                    + ["click[buy now]"])
         return [f"<action>{action}</action>" for action in actions]
 

@@ -187,6 +187,16 @@ def test_curriculum_promotes_after_a_full_window_at_the_threshold_and_stops_at_t
             Curriculum(**bad)
 
 
+def test_a_curriculum_restored_from_its_state_continues_where_it_was():
+    curriculum = Curriculum(level=0, threshold=0.75, window=4)
+    curriculum.update([True] * 4)  # promoted to level 1
+    curriculum.update([True, False])
+    restored = Curriculum(threshold=0.75, window=4)
+    restored.load_state_dict(json.loads(json.dumps(curriculum.state_dict())))
+    assert (restored.level, list(restored.recent)) == (1, [True, False])
+    assert restored.update([True]) == 1 and restored.update([True]) == 2  # the outcomes before the save count
+
+
 def test_cli_writes_games_and_requires_an_output_folder(tmp_path, capsys):
     alfworld_gen.main(["--out", str(tmp_path), "--level", "1", "--count", "2", "--seed", "5", "--task_types", "Pick2"])
     written = sorted(tmp_path.glob("json_2.1.1/train/*/*/game.tw-pddl"))
