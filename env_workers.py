@@ -11,8 +11,15 @@ import multiprocessing
 from envs import make_env
 
 
+# The main process's ends of every open worker pipe. A fork copies them all into the new worker, which must close
+# its copies: while any process holds a pipe's parent end, that pipe's worker never sees EOF and never exits.
+_PARENT_ENDS = set()
+
+
 def _serve(conn):
     """A worker's loop: requests (env_id, method, args) are answered in order, one answer per request."""
+    for parent_end in _PARENT_ENDS:
+        parent_end.close()
     envs = {}
     while True:
         try:
@@ -71,11 +78,15 @@ class EnvWorkers:
 
     def __init__(self, n):
         context = multiprocessing.get_context("fork")
-        self._conns, self._count = [], 0
+        self._conns, self._processes, self._count = [], [], 0
         for _ in range(n):
             parent, child = context.Pipe()
-            context.Process(target=_serve, args=(child,), daemon=True).start()
+            _PARENT_ENDS.add(parent)
+            process = context.Process(target=_serve, args=(child,), daemon=True)
+            process.start()
+            child.close()
             self._conns.append(parent)
+            self._processes.append(process)
 
     def make(self, env_name, game, options=None):
         if not self._conns:
@@ -90,4 +101,9 @@ class EnvWorkers:
 
     def close(self):
         for conn in self._conns:
+            _PARENT_ENDS.discard(conn)
             conn.close()  # each worker sees EOF and exits
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():  # stuck in an environment call
+                process.terminate()

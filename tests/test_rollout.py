@@ -135,6 +135,19 @@ def test_environments_in_worker_processes_give_the_same_episodes(chat, small_gam
     assert len({tuple(e.completion_ids) for e in local}) > 1  # the episodes differ, so the comparison means something
 
 
+def test_closed_workers_exit_at_once_even_when_later_workers_were_forked_beside_them(small_games):
+    import multiprocessing
+    import time
+
+    first, second = EnvWorkers(2), EnvWorkers(2)  # the second pair's fork copies the first pair's pipes
+    first.make("alfworld", small_games[0])
+    start = time.time()
+    first.close()
+    second.close()
+    assert time.time() - start < 5  # none had to be waited out and terminated
+    assert not multiprocessing.active_children()
+
+
 def test_a_failing_remote_environment_ends_only_its_episode(chat, small_games):
     workers = EnvWorkers(2)
     envs = [workers.make("alfworld", small_games[0]), workers.make("alfworld", "/no/such/game.tw-pddl")]
