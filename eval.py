@@ -117,11 +117,7 @@ def load(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_args = ModelConfig(model_name_or_path=args.model_name_or_path, dtype=args.dtype,
                              load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
-    model, tokenizer = load_model(model_args, device)
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
+    model, tokenizer = load_model(model_args, device, args.adapter)
     return ChatFormat(tokenizer), model.eval()
 
 
@@ -241,21 +237,29 @@ def markdown(summary):
     return "\n".join(lines)
 
 
-def evaluate(args):
-    workers = EnvWorkers(args.env_workers)  # forked before the model loads: small
-    chat, model = load(args)
+def play_and_summarize(args, chat, model, workers):
+    """Play every game of args.game_files once per seed; the summary and the episodes (one list per seed)."""
     seeds = [args.seed + k for k in range(args.num_runs)]
     with tqdm(total=len(args.game_files) * len(seeds), desc="games", unit="game") as progress:
         runs = [run_episodes(args, chat, model, workers, seed, progress) for seed in seeds]
-    workers.close()
     summary = summarize(args, runs, seeds)
     if args.wm_eval:
         summary["wm_eval"] = wm_diagnostic(model, [e for eps in runs for e in eps])
+    return summary, runs
+
+
+def evaluate(args):
+    workers = EnvWorkers(args.env_workers)  # forked before the model loads: small
+    chat, model = load(args)
+    try:
+        summary, runs = play_and_summarize(args, chat, model, workers)
+    finally:
+        workers.close()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_name(output.name + ".json").write_text(json.dumps(summary, indent=2))
     with open(output.with_name(output.name + ".jsonl"), "w") as f:
-        for run, (seed, episodes) in enumerate(zip(seeds, runs)):
+        for run, (seed, episodes) in enumerate(zip(summary["seeds"], runs)):
             for e in episodes:
                 f.write(json.dumps(trajectory(e, run, seed)) + "\n")
     print(markdown(summary))

@@ -36,21 +36,23 @@ def _corpus():
 
 
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
+                  num_key_value_heads=2, tie_word_embeddings=False)
 
 
-def build_tiny(path, seed=0, shape=TINY_SHAPE, vocab_size=None):
-    """Write a random Qwen2 model (tiny by default) and the offline tokenizer to `path`. Deterministic per seed.
+def build_tiny(path, seed=0, shape=TINY_SHAPE, vocab_size=None, corpus=None, tokenizer_vocab=1024):
+    """Write a random Qwen2 model (tiny by default) and an offline tokenizer to `path`. Deterministic per seed.
 
     vocab_size: the model's, when larger than the tokenizer's (real models pad theirs; unknown ids decode to "").
+    corpus: texts to train the byte-level BPE tokenizer on (default: a few ALFWorld-like sentences), to
+    `tokenizer_vocab` tokens.
     """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=tokenizer_vocab, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(corpus or _corpus(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>", padding_side="left"
     )
@@ -59,7 +61,7 @@ def build_tiny(path, seed=0, shape=TINY_SHAPE, vocab_size=None):
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab_size or len(tokenizer), max_position_embeddings=16384, tie_word_embeddings=False,
+        vocab_size=vocab_size or len(tokenizer), max_position_embeddings=16384,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **shape,
     )
     model = AutoModelForCausalLM.from_config(config)

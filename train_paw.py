@@ -24,12 +24,14 @@ warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated"
 
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
 from alfworld_gen import LEVELS, Curriculum, game_specs, resolve
+from cpu_agent import AGENT_NAME, RUN_FLAGS, agent_path
 from env_workers import EnvWorkers
 from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, parse_options
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
@@ -39,8 +41,59 @@ from wm_select import action_entropy, num_selected, per_transition_mean, select_
 
 
 @dataclass
-class PaWArguments:
+class EnvArguments:
+    """Which environment and games, and how an episode becomes a token sequence: shared by RL and SFT (sft.py)."""
+
     env: str = field(default="alfworld", metadata={"help": "Text environment.", "choices": list(ENVIRONMENTS)})
+    max_env_steps: int = field(default=20, metadata={"help": "Actions per episode."})
+    max_observation_tokens: int = field(
+        default=512, metadata={"help": "Each observation is cut to this many tokens (ALFWorld's longest: ~120)."})
+    show_admissible: bool = field(default=True, metadata={"help": "List the admissible actions in each turn."})
+    train_split: str = field(default="train", metadata={"help": "Split whose games are trained on."})
+    num_train_games: int = field(default=0, metadata={"help": "Train on a seeded sample of this many games (0: all)."})
+    task_types: list[str] | None = field(
+        default=None,
+        metadata={"help": "Train only on these ALFWorld task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
+    games: Literal["official", "generated"] = field(
+        default="official", metadata={"help": "ALFWorld games: the official files, or games alfworld_gen.py "
+                                              "generates offline (any room size, no download)."})
+    game_level: int = field(
+        default=0, metadata={"help": "Generated games: room size, 0 (3 receptacles) to 5 (24, like official ones)."})
+    env_workers: int = field(
+        default=min(8, os.cpu_count() or 1),
+        metadata={"help": "Processes that run environment resets and steps in parallel (0: in the main process)."})
+    env_options: list[str] | None = field(
+        default=None, metadata={"help": "The environment's own settings, as key=value pairs (see the README)."})
+
+    def __post_init__(self):
+        checks = [
+            (self.max_env_steps >= 1, f"--max_env_steps must be >= 1, got {self.max_env_steps}"),
+            (self.max_observation_tokens >= 1, "--max_observation_tokens must be >= 1"),
+            (self.num_train_games >= 0, "--num_train_games must be >= 0"),
+            (self.env_workers >= 0, "--env_workers must be >= 0"),
+            (self.games == "official" or self.env == "alfworld", "--games generated is for --env alfworld"),
+            (0 <= self.game_level < len(LEVELS), f"--game_level must be from 0 to {len(LEVELS) - 1}"),
+            (not self.task_types or self.env == "alfworld", "--task_types applies to --env alfworld only"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        parse_options(self.env_options)
+
+    @property
+    def env_kwargs(self):
+        return parse_options(self.env_options)
+
+    def train_games(self, seed):
+        """The game ids to train on (generated: 'Type:seed' specs, written at a level when played)."""
+        if self.games == "generated":
+            types = self.task_types or list(ALFWORLD_TASK_TYPES.values())
+            return game_specs(self.train_split, self.num_train_games or 100 * len(types), types)
+        return list_games(self.env, self.train_split, self.num_train_games, self.task_types, seed, self.env_kwargs)
+
+
+@dataclass
+class PaWArguments(EnvArguments):
     wm: Literal["off", "echo", "paw"] = field(
         default="paw", metadata={"help": "off: plain GRPO. echo: ECHO-style CE on all transitions. paw: PaW."})
     wm_beta: float | None = field(
@@ -54,60 +107,36 @@ class PaWArguments:
     wm_weighting: Literal["adaptive", "constant"] | None = field(
         default=None, metadata={"help": "adaptive: beta * clip(1 - group mean return, 0, 1); constant: beta "
                                         "(default: adaptive for paw, constant for echo)."})
-    max_env_steps: int = field(default=20, metadata={"help": "Actions per episode."})
     max_action_tokens: int = field(default=256, metadata={"help": "Token cap of one reply (think + action)."})
-    max_observation_tokens: int = field(
-        default=512, metadata={"help": "Each observation is cut to this many tokens (ALFWorld's longest: ~120)."})
-    show_admissible: bool = field(default=True, metadata={"help": "List the admissible actions in each turn."})
     reuse_cache: bool = field(
         default=True, metadata={"help": "Keep each episode's KV cache between turns (no re-reading of the history)."})
     invalid_action_penalty: float = field(
         default=0.1, metadata={"help": "Reward penalty per unparseable or inadmissible action."})
-    train_split: str = field(default="train", metadata={"help": "Split whose games are trained on."})
-    num_train_games: int = field(default=0, metadata={"help": "Train on a seeded sample of this many games (0: all)."})
-    task_types: list[str] | None = field(
-        default=None,
-        metadata={"help": "Train only on these ALFWorld task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
-    games: Literal["official", "generated"] = field(
-        default="official", metadata={"help": "ALFWorld games: the official files, or games alfworld_gen.py "
-                                              "generates offline (any room size, no download)."})
-    game_level: int = field(
-        default=0, metadata={"help": "Generated games: room size, 0 (3 receptacles) to 5 (24, like official ones)."})
     curriculum: bool = field(
         default=False, metadata={"help": "Generated games: start at --game_level, move up a level once 80%% of the "
                                          "last 64 episodes at the current level succeed."})
-    env_workers: int = field(
-        default=min(8, os.cpu_count() or 1),
-        metadata={"help": "Processes that run environment resets and steps in parallel (0: in the main process)."})
-    env_options: list[str] | None = field(
-        default=None, metadata={"help": "The environment's own settings, as key=value pairs (see the README)."})
+    adapter: str | None = field(
+        default=None, metadata={"help": "A LoRA adapter to train on (e.g. sft.py's output), on the base model "
+                                        "--model_name_or_path; no new LoRA is added."})
 
     def __post_init__(self):
         for key, value in MODE_DEFAULTS[self.wm].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        super().__post_init__()
         checks = [
             (0 < self.wm_alpha <= 1, f"--wm_alpha must be in (0, 1], got {self.wm_alpha}"),
             (0 < self.cmae_rho <= 1, f"--cmae_rho must be in (0, 1], got {self.cmae_rho}"),
             (self.wm_beta >= 0, f"--wm_beta must be >= 0, got {self.wm_beta}"),
-            (self.max_env_steps >= 1, f"--max_env_steps must be >= 1, got {self.max_env_steps}"),
             (self.max_action_tokens >= 1, f"--max_action_tokens must be >= 1, got {self.max_action_tokens}"),
-            (self.max_observation_tokens >= 1, "--max_observation_tokens must be >= 1"),
             (self.invalid_action_penalty >= 0, "--invalid_action_penalty must be >= 0"),
-            (self.num_train_games >= 0, "--num_train_games must be >= 0"),
-            (self.env_workers >= 0, "--env_workers must be >= 0"),
-            (self.games == "official" or self.env == "alfworld", "--games generated is for --env alfworld"),
-            (0 <= self.game_level < len(LEVELS), f"--game_level must be from 0 to {len(LEVELS) - 1}"),
             (not self.curriculum or self.games == "generated", "--curriculum needs --games generated"),
+            (not self.adapter or (Path(self.adapter) / "adapter_config.json").is_file(),
+             f"--adapter {self.adapter}: no adapter_config.json there"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        parse_options(self.env_options)
-
-    @property
-    def env_kwargs(self):
-        return parse_options(self.env_options)
 
 
 # The paper's modes (PAW_SPEC §3); an explicit flag overrides its mode's default, which is how ablations are run.
@@ -125,17 +154,25 @@ def hardware_dtype():
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
-def default_flags():
-    """Defaults of the design card: Qwen2.5-7B-Instruct in NF4 with LoRA on all linear layers, on one GPU."""
+def model_flags():
+    """The design card's model: Qwen2.5-7B-Instruct in NF4 with LoRA on all linear layers, on one GPU (sft.py too)."""
     dtype = hardware_dtype()
     return dict(
         model_name_or_path="Qwen/Qwen2.5-7B-Instruct", use_peft=True, lora_target_modules="all-linear",
         lora_dropout=0.0, load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
-        bf16=dtype == "bfloat16", fp16=dtype == "float16", dtype=dtype,
+        bf16=dtype == "bfloat16", fp16=dtype == "float16", dtype=dtype, report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def default_flags():
+    """The design card's RL run on that model."""
+    return dict(
+        **model_flags(),
         learning_rate=1e-5,  # LoRA needs ~10x the full fine-tuning rate (1e-6 in GiGPO/verl-agent)
         num_generations=8, per_device_train_batch_size=4, gradient_accumulation_steps=4,  # 2 games x 8 per step
         max_completion_length=6144, max_steps=200, logging_steps=1, save_steps=25, disable_dropout=True,
-        report_to="none", output_dir="runs/paw", dataloader_pin_memory=torch.cuda.is_available(),
+        output_dir="runs/paw",
     )
 
 
@@ -318,16 +355,31 @@ class CurriculumCheckpoint(TrainerCallback):
 CURRICULUM_FILE = "curriculum.json"
 
 
-def load_model(model_args: ModelConfig, device):
-    """The model and tokenizer, with the base in 4-bit NF4 if asked (`tiny` builds the CPU test model)."""
-    path = tiny_model_path() if model_args.model_name_or_path == TINY_NAME else model_args.model_name_or_path
+def model_path(name):
+    """A Hub id or folder as given; `tiny` (the random test model) and `cpu-agent` are built here on first use."""
+    local = {TINY_NAME: tiny_model_path, AGENT_NAME: agent_path}
+    return local[name]() if name in local else name
+
+
+def load_model(model_args: ModelConfig, device, adapter=None):
+    """The model and tokenizer, with the base in 4-bit NF4 if asked, and a LoRA adapter on it if given."""
+    path = model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=get_quantization_config(model_args),
         attn_implementation=model_args.attn_implementation, device_map={"": device},
     )
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     return model, tokenizer
+
+
+def upcast_trainable(model):
+    """TRL stores LoRA weights of a 4-bit model in bf16, which rounds small updates away: train them in fp32."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
 
 
 def check_temperature(paw: PaWArguments, args: GRPOConfig):
@@ -342,16 +394,15 @@ def parse_args(argv=None):
     parser.set_defaults(**default_flags())
     try:
         paw, training_args, model_args = parser.parse_args_and_config(argv)
-        if model_args.model_name_or_path == TINY_NAME:
-            parser.set_defaults(**TINY_FLAGS)
+        run_flags = {TINY_NAME: TINY_FLAGS, AGENT_NAME: RUN_FLAGS}.get(model_args.model_name_or_path)
+        if run_flags:  # the local models' own run sizes; flags the user passes still win
+            parser.set_defaults(**run_flags)
             paw, training_args, model_args = parser.parse_args_and_config(argv)
         check_temperature(paw, training_args)
         if training_args.use_vllm:
             raise ValueError("--use_vllm is not supported: PaW's multi-turn rollouts generate with transformers")
         if training_args.max_completion_length < paw.max_action_tokens:
             raise ValueError("--max_completion_length (the whole episode) must be >= --max_action_tokens (one reply)")
-        if paw.task_types and paw.env != "alfworld":
-            raise ValueError("--task_types applies to --env alfworld only")
     except ValueError as error:
         parser.error(str(error))  # a clear message and exit code 2, before anything heavy is loaded
     if training_args.resume_from_checkpoint in ("true", "last"):
@@ -359,15 +410,11 @@ def parse_args(argv=None):
     return paw, training_args, model_args
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """Train; `callbacks` (transformers TrainerCallbacks) are for scripts that drive a run, such as study.py."""
     paw, training_args, model_args = parse_args(argv)
     try:
-        if paw.games == "generated":
-            types = paw.task_types or list(ALFWORLD_TASK_TYPES.values())
-            games = game_specs(paw.train_split, paw.num_train_games or 100 * len(types), types)
-        else:
-            games = list_games(paw.env, paw.train_split, paw.num_train_games, paw.task_types, training_args.seed,
-                               paw.env_kwargs)
+        games = paw.train_games(training_args.seed)
     except (DataMissing, ValueError) as error:  # missing data, an unknown split or environment option
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -376,7 +423,7 @@ def main(argv=None):
     if curriculum and saved and saved.exists():
         curriculum.load_state_dict(json.loads(saved.read_text()))
     workers = EnvWorkers(paw.env_workers)  # forked before the model loads: small
-    model, tokenizer = load_model(model_args, training_args.device)
+    model, tokenizer = load_model(model_args, training_args.device, paw.adapter)
     chat = ChatFormat(tokenizer)
     trainer = PaWTrainer(
         model=model,
@@ -384,20 +431,19 @@ def main(argv=None):
         args=training_args,
         train_dataset=Dataset.from_dict({"prompt": games}),
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=None if paw.adapter else get_peft_config(model_args),  # an adapter is the LoRA to train
         rollout_func=make_rollout_func(paw, chat, workers, curriculum),
-        callbacks=[CurriculumCheckpoint(curriculum)] if curriculum else None,
+        callbacks=[*callbacks, *([CurriculumCheckpoint(curriculum)] if curriculum else [])],
         paw=paw,
     )
-    if model_args.use_peft:  # TRL stores LoRA weights of a 4-bit model in bf16, which rounds small updates away
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+    if model_args.use_peft or paw.adapter:
+        upcast_trainable(trainer.model)
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
         workers.close()
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the run's log, which curves.py plots
     return trainer
 
 

@@ -14,11 +14,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_path(tmp_path_factory):
-    """The tiny model, built once per session in a temporary folder (subprocesses inherit PAW_TINY_DIR), and a
-    session folder for generated games (PAW_GENERATED_DIR)."""
+    """The tiny model, built once per session in a temporary folder (subprocesses inherit PAW_TINY_DIR), a session
+    folder for generated games (PAW_GENERATED_DIR), and one for the CPU agent, built by the first test that asks."""
     from tiny_model import tiny_model_path
 
     os.environ["PAW_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny") / "tiny")
+    os.environ["PAW_AGENT_DIR"] = str(tmp_path_factory.mktemp("agent") / "cpu-agent")
     os.environ["PAW_GENERATED_DIR"] = str(tmp_path_factory.mktemp("generated"))
     return tiny_model_path()
 
