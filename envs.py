@@ -147,6 +147,27 @@ def alfworld_task_type(game_file):
     return next((short for prefix, short in ALFWORLD_TASK_TYPES.items() if folder.startswith(prefix)), "Other")
 
 
+# Every TextWorld PDDL game loads its own copy of fast-downward's 34 MB library from a temporary file, and nothing
+# unloads it: a deleted file that keeps its disk space while the process lives. A worker that plays thousands of
+# games would fill the disk, so a closed game's copy goes here and the next game in this process takes it (a copy
+# serves one game at a time, as TextWorld's own PddlEnv.load reuses its copy for the next game).
+_FREE_DOWNWARD_LIBRARIES = []
+
+
+def _reuse_downward_libraries():
+    import fast_downward
+
+    if getattr(fast_downward.load_lib, "reuses", False):
+        return
+    load_copy = fast_downward.load_lib
+
+    def load_lib():
+        return _FREE_DOWNWARD_LIBRARIES.pop() if _FREE_DOWNWARD_LIBRARIES else load_copy()
+
+    load_lib.reuses = True
+    fast_downward.load_lib = load_lib
+
+
 class AlfWorldEnv:
     """One ALFWorld game on the real text engine (TextWorld's PDDL backend with ALFWorld's wrappers).
 
@@ -171,6 +192,7 @@ class AlfWorldEnv:
 
         infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["walkthrough"])
         self.close()
+        _reuse_downward_libraries()
         self._engine = textworld.start(self.game, request_infos=infos, wrappers=[AlfredDemangler(), AlfredInfos])
         state = self._engine.reset()
         self.walkthrough = [f"<action>{action}</action>" for action in state.get("extra.walkthrough") or []]
@@ -194,6 +216,7 @@ class AlfWorldEnv:
     def close(self):
         if self._engine is not None:
             self._engine.close()
+            _FREE_DOWNWARD_LIBRARIES.append(self._engine.unwrapped.downward_lib)
             self._engine = None
 
 

@@ -1,5 +1,6 @@
 """The episode loop: sequence layout and masks, malformed output, crashing environments, budgets, the expert."""
 
+import os
 import random
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from env_workers import EnvWorkers
 from envs import NOTHING_HAPPENS, format_admissible, make_env, parse_action
-from rollout import ModelPolicy, play, random_policy, text_policy
+from rollout import ModelPolicy, expert_policy, play, random_policy, text_policy
 from train_paw import episode_fields, make_invalid_action_penalty
 
 
@@ -146,6 +147,20 @@ def test_closed_workers_exit_at_once_even_when_later_workers_were_forked_beside_
     second.close()
     assert time.time() - start < 5  # none had to be waited out and terminated
     assert not multiprocessing.active_children()
+
+
+def test_game_after_game_one_process_keeps_one_copy_of_the_planner_library_on_disk(chat, small_games):
+    def mapped_copies():  # fast-downward's library, copied to a temporary file per game, then deleted but mapped
+        maps = [os.readlink(f"/proc/self/map_files/{name}") for name in os.listdir("/proc/self/map_files")]
+        return len({path for path in maps if "libdownward.so" in path and "(deleted)" in path})
+
+    episodes = [play([make_env("alfworld", game)], expert_policy(chat), chat, max_steps=30)[0]
+                for game in small_games[:4] * 3]
+    assert all(e.won for e in episodes)  # a reused copy plays its next game right
+    before = mapped_copies()
+    for game in small_games[:4] * 3:
+        play([make_env("alfworld", game)], expert_policy(chat), chat, max_steps=30)
+    assert mapped_copies() == before <= 2
 
 
 def test_a_failing_remote_environment_ends_only_its_episode(chat, small_games):
