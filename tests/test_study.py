@@ -1,0 +1,50 @@
+"""From the warm-started CPU agent: it plays between the random floor and the expert, the WM term lowers the held-out
+next-observation NLL below plain GRPO, and study.py writes its curves, table and figure. One quick study serves
+every test."""
+
+import json
+
+import pytest
+
+import study
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RANDOM_FLOOR = 0.012  # eval.py --policy random, the same 120 held-out games and step budget (README)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    output = tmp_path_factory.mktemp("study") / "quick"
+    return output, study.main(["--quick", "--output", str(output)])
+
+
+def test_the_warm_start_plays_well_above_the_random_floor_and_below_the_expert(quick):
+    _, result = quick
+    assert RANDOM_FLOOR + 0.1 <= result["warm_start"]["success"] <= 0.7  # the expert wins all (100%)
+
+
+def test_the_wm_term_lowers_the_held_out_next_observation_nll_below_grpo(quick):
+    _, result = quick
+    paw, grpo = result["runs"]["paw"]["0"], result["runs"]["off"]["0"]
+    assert paw["nll"][0] == grpo["nll"][0]  # the same start
+    assert paw["nll"][-1] < grpo["nll"][-1] and paw["nll"][-1] < paw["nll"][0]
+
+
+def test_the_study_writes_its_curves_settings_and_figure(quick):
+    output, result = quick
+    saved = json.loads(output.with_name(output.name + ".json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert output.with_name(output.name + ".png").read_bytes()[:8] == PNG_MAGIC
+    quick_settings = study.QUICK
+    assert set(saved["runs"]) == set(quick_settings["modes"])
+    for mode, by_seed in saved["runs"].items():
+        assert set(by_seed) == {str(seed) for seed in quick_settings["seeds"]}
+        for curve in by_seed.values():
+            assert curve["step"] == list(range(0, quick_settings["steps"] + 1, quick_settings["eval_every"]))
+            assert all(len(curve[key]) == len(curve["step"]) for key in ("success", "nll", "invalid_action_rate"))
+        row = saved["summary"][mode]
+        assert row["success_end"]["mean"] == pytest.approx(
+            sum(c["success"][-1] for c in by_seed.values()) / len(by_seed))
+    assert saved["settings"]["eval_games"] == quick_settings["eval_games"]
+    assert saved["machine"]["cpu_count"] >= 1 and saved["wall_s"]["total"] > 0
+    assert "| off |" in study.table(saved)
