@@ -26,7 +26,7 @@ from trl import SFTConfig
 from alfworld_gen import game_specs, resolve
 from env_workers import EnvWorkers
 from rollout import ChatFormat, expert_policy, play
-from tiny_model import SPECIAL_TOKENS, build_tiny, tiny_model_path
+from tiny_model import SPECIAL_TOKENS, build_tiny, cached, tiny_model_path
 
 IGNORE = -100  # transformers' label of a token with no loss
 
@@ -115,14 +115,7 @@ def agent_path():
     path = Path(os.environ.get("PAW_AGENT_DIR", Path.home() / ".cache" / "paw" / "cpu-agent-v1"))
     if not (path / "config.json").exists():
         print(f"cpu-agent: building it once (a few minutes on a CPU), then cached in {path}", file=sys.stderr)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=path.parent)  # built beside the target and renamed: never seen half-written
-        build_agent(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process won the race; its copy is identical
-            pass
-    return str(path)
+    return cached(path, build_agent)
 
 
 def main(argv=None):

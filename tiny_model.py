@@ -72,16 +72,21 @@ def build_tiny(path, seed=0, shape=TINY_SHAPE, vocab_size=None, corpus=None, tok
     return path
 
 
-def tiny_model_path():
-    """Folder of the tiny model (built on first use). `PAW_TINY_DIR` overrides the default cache folder."""
-    path = Path(os.environ.get("PAW_TINY_DIR", Path.home() / ".cache" / "paw" / "tiny-v1"))
+def cached(path, build):
+    """The model folder `path`, written by `build(folder)` on first use. It is built beside its place and renamed
+    there, so that no process ever sees half a model."""
+    path = Path(path)
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename, so that two processes never see a half-written model.
         tmp = tempfile.mkdtemp(dir=path.parent)
-        build_tiny(tmp)
+        build(tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another process won the race; its copy is identical
             pass
     return str(path)
+
+
+def tiny_model_path():
+    """Folder of the tiny model (built on first use). `PAW_TINY_DIR` overrides the default cache folder."""
+    return cached(os.environ.get("PAW_TINY_DIR", Path.home() / ".cache" / "paw" / "tiny-v1"), build_tiny)
