@@ -77,7 +77,7 @@ def held_out_games(num_games):
     return evaluation.parse_args([
         "--model_name_or_path", AGENT_NAME, "--games", "generated", "--game_level", str(GAME_LEVEL),
         "--split", "eval_out_of_distribution", "--num_games", str(num_games), "--max_env_steps", str(MAX_ENV_STEPS),
-        "--max_action_tokens", "32", "--batch_size", "64",
+        "--max_action_tokens", str(RUN_FLAGS["max_action_tokens"]), "--batch_size", "64",
     ])
 
 
