@@ -160,7 +160,7 @@ def test_game_after_game_one_process_keeps_one_copy_of_the_planner_library_on_di
     before = mapped_copies()
     for game in small_games[:4] * 3:
         play([make_env("alfworld", game)], expert_policy(chat), chat, max_steps=30)
-    assert mapped_copies() == before <= 2
+    assert mapped_copies() == before  # without reuse: one more copy per game
 
 
 def test_a_failing_remote_environment_ends_only_its_episode(chat, small_games):
