@@ -36,6 +36,7 @@ class TextEnv(Protocol):
     task_type: str  # for per-type results, e.g. "Pick"
     walkthrough: list[str]  # after reset: replies that solve the game (for the expert policy and tests)
     eval_max_steps: int  # actions per episode in the literature's evaluations: eval.py's default
+    gigpo_std: bool  # GiGPO's default normalization here: divide by the std (verl-agent's per-environment choice)
 
     @staticmethod
     def games(split: str, **options) -> list[str]: ...  # the game ids of a split
@@ -177,6 +178,7 @@ class AlfWorldEnv:
 
     system_prompt = ALFWORLD_SYSTEM_PROMPT
     eval_max_steps = 50
+    gigpo_std = True  # verl-agent's ALFWorld setting for GiGPO (mean_std_norm)
     games = staticmethod(alfworld_games)
 
     def __init__(self, game):

@@ -310,6 +310,7 @@ class SearchQAEnv:
 
     system_prompt = SEARCH_SYSTEM_PROMPT
     eval_max_steps = 50  # no cap of eval.py's own: max_turns= (4, Search-R1's limit) ends an episode first
+    gigpo_std = True  # verl-agent's search setting for GiGPO (mean_std_norm)
 
     @staticmethod
     def games(split, data_dir=None, retriever_url=None, max_turns=4):

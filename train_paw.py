@@ -23,6 +23,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -30,10 +31,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
+from advantages import anchor_group_ids, gigpo_advantages, per_token, rloo_advantages
 from alfworld_gen import LEVELS, Curriculum, game_specs, resolve
 from cpu_agent import AGENT_NAME, RUN_FLAGS, agent_path
 from env_workers import EnvWorkers
-from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, list_games, parse_options
+from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import TINY_NAME, tiny_model_path
@@ -118,12 +120,29 @@ class PaWArguments(EnvArguments):
     adapter: str | None = field(
         default=None, metadata={"help": "A LoRA adapter to train on (e.g. sft.py's output), on the base model "
                                         "--model_name_or_path; no new LoRA is added."})
+    advantage: Literal["grpo", "gigpo", "rloo"] = field(
+        default="grpo", metadata={"help": "grpo: TRL's, per episode. gigpo: plus step-level credit between episodes "
+                                          "of a group that reach the same state. rloo: leave-one-out baseline. "
+                                          "--scale_rewards applies to grpo only."})
+    gigpo_gamma: float = field(default=0.95, metadata={"help": "GiGPO: discount of the step returns."})
+    gigpo_omega: float = field(default=1.0, metadata={"help": "GiGPO: weight of the step-level advantage."})
+    gigpo_std: bool | None = field(
+        default=None, metadata={"help": "GiGPO: divide both terms by their group's std (default per environment, as "
+                                        "verl-agent: alfworld and search yes, webshop no)."})
+    gigpo_episode_stats: Literal["steps", "trajectories"] = field(
+        default="steps", metadata={"help": "GiGPO episode term: statistics over all step rows of a group, so an "
+                                           "episode weighs its length (verl-agent), or one entry per episode (GRPO)."})
+    gigpo_penalize: Literal["format", "invalid"] = field(
+        default="format", metadata={"help": "GiGPO: the steps --invalid_action_penalty hits: replies with no "
+                                            "parseable action (verl-agent), or inadmissible actions too (as grpo)."})
 
     def __post_init__(self):
         for key, value in MODE_DEFAULTS[self.wm].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         super().__post_init__()
+        if self.gigpo_std is None:
+            self.gigpo_std = env_class(self.env).gigpo_std
         checks = [
             (0 < self.wm_alpha <= 1, f"--wm_alpha must be in (0, 1], got {self.wm_alpha}"),
             (0 < self.cmae_rho <= 1, f"--cmae_rho must be in (0, 1], got {self.cmae_rho}"),
@@ -133,6 +152,8 @@ class PaWArguments(EnvArguments):
             (not self.curriculum or self.games == "generated", "--curriculum needs --games generated"),
             (not self.adapter or (Path(self.adapter) / "adapter_config.json").is_file(),
              f"--adapter {self.adapter}: no adapter_config.json there"),
+            (0 <= self.gigpo_gamma <= 1, f"--gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}"),
+            (self.gigpo_omega >= 0, f"--gigpo_omega must be >= 0, got {self.gigpo_omega}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -220,8 +241,41 @@ class PaWTrainer(GRPOTrainer):
         group_return = returns.view(-1, group).mean(dim=1).repeat_interleave(group)
         rank = self.accelerator.process_index
         output["group_return"] = group_return[rank * len(inputs):(rank + 1) * len(inputs)]
+        if self.paw.advantage != "grpo":  # (B,) or (B, L): TRL's loss takes either as it is
+            output["advantages"] = self._advantages(inputs, group, output["action_index"])
         self._log_episodes(inputs)
         return output
+
+    def _advantages(self, inputs, group, action_index):
+        """GiGPO's per-token or RLOO's per-episode advantages of this process's episodes (advantages.py), from the
+        episodes of all processes: a group may span processes."""
+        paw, mode = self.paw, "train" if self.model.training else "eval"
+        keys = ("task_return", "invalid_actions", "step_rewards", "step_valid", "step_parsed", "anchors")
+        rows = gather_object([{key: row[key] for key in keys} for row in inputs])
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
+        # ALGO LOGIC: the episode's reward is GRPO's (task return minus the invalid-action penalty)
+        if paw.advantage == "rloo":
+            rewards = torch.tensor([r["task_return"] - paw.invalid_action_penalty * r["invalid_actions"] for r in rows])
+            return rloo_advantages(rewards, group)[local].to(action_index.device)
+        width = max(int(action_index.max()) + 1, max(len(r["step_rewards"]) for r in rows), 1)
+
+        def padded(key, dtype):
+            return torch.tensor([r[key] + [0] * (width - len(r[key])) for r in rows], dtype=dtype)
+
+        step_mask = torch.arange(width) < torch.tensor([len(r["step_rewards"]) for r in rows]).unsqueeze(1)
+        penalized = ~padded("step_parsed" if paw.gigpo_penalize == "format" else "step_valid", torch.bool)
+        anchors = anchor_group_ids([r["anchors"] for r in rows], group, width)
+        step_advantages, step_term = gigpo_advantages(
+            torch.tensor([r["task_return"] for r in rows], dtype=torch.float32), padded("step_rewards", torch.float32),
+            penalized & step_mask, step_mask, anchors, group, paw.gigpo_gamma, paw.gigpo_omega, paw.gigpo_std,
+            paw.invalid_action_penalty, paw.gigpo_episode_stats)
+        # TRY NOT TO MODIFY: logging. An anchor group of one is a state no other episode of its group reached.
+        ids = anchors[step_mask]
+        shared = ids.bincount()[ids] > 1
+        self._metrics[mode]["gigpo/shared_state_frac"].append(shared.float().mean().item() if len(ids) else 0.0)
+        self._metrics[mode]["gigpo/step_advantage_std"].append(
+            step_term[step_mask][shared].std().nan_to_num().item() if shared.sum() > 1 else 0.0)
+        return per_token(step_advantages[local].to(action_index.device), action_index)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # TRL's GRPO loss, unchanged
@@ -326,6 +380,13 @@ def episode_fields(episodes):
         "invalid_actions": [e.invalid_actions for e in episodes],
         "num_steps": [len(e.turns) for e in episodes],
         "env_error": [e.error is not None for e in episodes],
+        # Per step, for GiGPO: the environment's reward, whether the action was admissible / parseable at all, and
+        # the state it was taken in (the observation before it: equal strings make an anchor group).
+        "step_rewards": [[turn["reward"] for turn in e.turns] for e in episodes],
+        "step_valid": [[turn["valid"] for turn in e.turns] for e in episodes],
+        "step_parsed": [[turn["action"] is not None for turn in e.turns] for e in episodes],
+        "anchors": [[e.first_observation] + [turn["observation"] for turn in e.turns[:-1]] if e.turns else []
+                    for e in episodes],
     }
 
 

@@ -344,6 +344,7 @@ class WebShopEnv:
 
     system_prompt = WEBSHOP_SYSTEM_PROMPT
     eval_max_steps = 15
+    gigpo_std = False  # verl-agent's WebShop setting for GiGPO (mean_norm)
 
     @staticmethod
     def games(split, data_dir=None):

@@ -7,14 +7,15 @@ ACTIONS = ["look", "open box", "take key from box"]
 
 
 class ScriptedEnv:
-    """A box room: the episode is won by `take key from box` once the box is open. Observations name the turn."""
+    """A box room: the episode is won by `take key from box` once the box is open. Observations name the turn
+    unless numbered=False."""
 
     system_prompt = "You are in a test room."
     task_type = "Pick"
     walkthrough = ["<action>open box</action>", "<action>take key from box</action>"]
 
-    def __init__(self, game, serial=0, fail_at=None):
-        self.game, self.serial, self.fail_at = game, serial, fail_at
+    def __init__(self, game, serial=0, fail_at=None, numbered=True):
+        self.game, self.serial, self.fail_at, self.numbered = game, serial, fail_at, numbered
         self.turn, self.open = 0, False
 
     def reset(self):
@@ -31,7 +32,9 @@ class ScriptedEnv:
             return Step("Nothing happens.", ACTIONS, action=action, valid=False)
         self.open = self.open or action == "open box"
         won = self.open and action == "take key from box"
-        feedback = f"Turn {self.turn}: you {action}." + (" You found the key!" if won else "")
+        # Unnumbered, the same action gives the same observation: states repeat across and within episodes (GiGPO)
+        you = f"Turn {self.turn}: you" if self.numbered else "You"
+        feedback = f"{you} {action}." + (" You found the key!" if won else "")
         return Step(feedback, ACTIONS, float(won), won, won, action, True)
 
     def close(self):

@@ -1,5 +1,6 @@
 """PaWTrainer against TRL's GRPOTrainer and against an independent computation of the WM gradient."""
 
+import inspect
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from scripted import ScriptedEnv, scripted_policy
+from test_advantages import reference_gigpo
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
@@ -20,12 +22,13 @@ SERIALS = [0, 1, 2, 3, 3, 2, 3, 2]
 LR = 0.5
 
 
-def scripted_rollout(chat, serials=SERIALS, cut=None):
-    """Scripted episodes; `cut` names one whose last token is dropped, which TRL then sees as truncated."""
+def scripted_rollout(chat, serials=SERIALS, cut=None, numbered=True):
+    """Scripted episodes; `cut` names one whose last token is dropped, which TRL then sees as truncated; with
+    numbered=False, observations repeat across episodes and, in a fourth turn, within one (GiGPO's anchor states)."""
 
     def rollout_func(prompts, trainer):
-        envs = [ScriptedEnv(game, serial) for game, serial in zip(prompts, serials, strict=True)]
-        rollout_func.episodes = play(envs, scripted_policy(chat), chat, max_steps=3)
+        envs = [ScriptedEnv(game, serial, numbered=numbered) for game, serial in zip(prompts, serials, strict=True)]
+        rollout_func.episodes = play(envs, scripted_policy(chat), chat, max_steps=3 if numbered else 4)
         fields = episode_fields(rollout_func.episodes)
         if cut is not None:
             for key in ("completion_ids", "env_mask", "action_index", "obs_index"):
@@ -45,23 +48,24 @@ def sgd_config(tmp_path, **overrides):
     )
 
 
-def build_trainer(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, cut=None, **config):
+def build_trainer(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, cut=None, numbered=True,
+                  **config):
     """A GRPOTrainer (paw=None) or PaWTrainer on the scripted rollouts of two games."""
     model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     games = Dataset.from_dict({"prompt": ["room-a", "room-b"]})
     kwargs = dict(
         model=model, reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=sgd_config(tmp_path, **config),
         train_dataset=games, eval_dataset=games, processing_class=chat.tokenizer,
-        rollout_func=scripted_rollout(chat, serials, cut),
+        rollout_func=scripted_rollout(chat, serials, cut, numbered),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
         if peft else None,
     )
     return GRPOTrainer(**kwargs) if paw is None else PaWTrainer(paw=paw, **kwargs)
 
 
-def train_once(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, cut=None, **config):
+def train_once(tiny_path, chat, tmp_path, paw=None, peft=False, serials=SERIALS, cut=None, numbered=True, **config):
     """Train one step on the scripted rollouts; return (initial params, update, trainer)."""
-    trainer = build_trainer(tiny_path, chat, tmp_path, paw, peft, serials, cut, **config)
+    trainer = build_trainer(tiny_path, chat, tmp_path, paw, peft, serials, cut, numbered, **config)
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
     trainer.train()
@@ -184,3 +188,93 @@ def test_the_wm_term_costs_no_second_forward_pass(tiny_path, chat, tmp_path):
     off = count_forwards(tiny_path, chat, tmp_path / "off", "off")
     paw = count_forwards(tiny_path, chat, tmp_path / "paw", "paw")
     assert off == paw == 1  # one micro-batch, one forward; the scripted rollouts call no model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --advantage gigpo / rloo: TRL's loss with per-token (GiGPO) or per-episode (RLOO) advantages of our own
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reference_advantages(episodes, paw):
+    """Per episode, the advantage of each of its actions, from test_advantages' loop implementation (GiGPO) or the
+    leave-one-out formula written out (RLOO)."""
+    if paw.advantage == "rloo":
+        rewards = [e.task_return - 0.1 * e.invalid_actions for e in episodes]
+        out = []
+        for b, e in enumerate(episodes):
+            others = [rewards[j] for j in range(b // GROUP * GROUP, (b // GROUP + 1) * GROUP) if j != b]
+            out.append([rewards[b] - sum(others) / len(others)] * len(e.turns))
+        return out
+    steps = [[(state, turn["reward"], turn["action"] is None)
+              for state, turn in zip([e.first_observation] + [t["observation"] for t in e.turns], e.turns)]
+             for e in episodes]
+    by_episode = reference_gigpo(steps, GROUP, paw.gigpo_gamma, paw.gigpo_omega, paw.gigpo_std, 0.1,
+                                 paw.gigpo_episode_stats)
+    return [by_episode[b] for b in range(len(episodes))]
+
+
+def reference_policy_loss(model, episodes, paw):
+    """TRL's default ("dapo") loss with one optimizer step and no clipping, written out: -sum over policy tokens of
+    A_token * log p(token) / (number of policy tokens in the batch)."""
+    advantages = reference_advantages(episodes, paw)
+    total, count = 0.0, 0
+    for e, per_step in zip(episodes, advantages, strict=True):
+        ids = torch.tensor([e.prompt_ids + e.completion_ids])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1].float(), dim=-1)
+        token_logp = logp[torch.arange(len(e.completion_ids)), torch.tensor(e.completion_ids)]
+        for j, t in enumerate(e.action_index):
+            if t >= 0:
+                total, count = total - per_step[t] * token_logp[j], count + 1
+    return total / count
+
+
+@pytest.mark.parametrize("advantage,wm,config", [
+    ("gigpo", "off", {}),
+    ("gigpo", "paw", {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}),
+    ("rloo", "off", {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}),
+    ("rloo", "paw", {}),
+])
+def test_gigpo_and_rloo_updates_are_minus_lr_times_the_gradient_of_their_loss(tiny_path, chat, tmp_path, advantage,
+                                                                                wm, config):
+    paw = PaWArguments(wm=wm, advantage=advantage, wm_alpha=1.0)  # alpha 1: the WM mean ignores TRL's shuffle
+    before, update, trainer = train_once(tiny_path, chat, tmp_path, paw, numbered=False, **config)
+    episodes = trainer.rollout_func.episodes
+    states = [[e.first_observation] + [t["observation"] for t in e.turns[:-1]] for e in episodes]
+    assert any(states[0][0] == s[0] for s in states[1:GROUP])  # anchors repeat across episodes...
+    assert any(len(set(s)) < len(s) for s in states)  # ...and within one
+    model = trainer.model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in before:
+                param.copy_(before[name])
+    model.zero_grad()
+    loss = reference_policy_loss(model, episodes, paw)
+    if wm != "off":
+        loss = loss + reference_wm_loss(model, episodes, paw)
+    loss.backward()
+    expected = torch.cat([-LR * p.grad.flatten() for n, p in model.named_parameters() if n in before])
+    got = torch.cat([update[n].flatten() for n in before])
+    assert expected.norm() > 0
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-3
+    if advantage == "gigpo":
+        shared = [sum(states[g][t] == states[h][u] for h in range(b0, b0 + GROUP) for u in range(len(states[h]))) > 1
+                  for b0 in (0, GROUP) for g in range(b0, b0 + GROUP) for t in range(len(states[g]))]
+        assert trainer.state.log_history[0]["gigpo/shared_state_frac"] == pytest.approx(sum(shared) / len(shared))
+
+
+def test_gigpo_changes_the_update_and_omega_0_with_one_entry_per_episode_is_grpos(tiny_path, chat, tmp_path):
+    _, grpo, _ = train_once(tiny_path, chat, tmp_path / "grpo", PaWArguments(wm="off"), numbered=False)
+    _, gigpo, _ = train_once(tiny_path, chat, tmp_path / "gigpo", PaWArguments(wm="off", advantage="gigpo"),
+                             numbered=False)
+    same = PaWArguments(wm="off", advantage="gigpo", gigpo_omega=0.0, gigpo_episode_stats="trajectories",
+                        gigpo_penalize="invalid")
+    _, reduced, _ = train_once(tiny_path, chat, tmp_path / "reduced", same, numbered=False)
+    size = torch.cat([u.flatten() for u in grpo.values()]).norm()
+    assert torch.cat([(gigpo[n] - grpo[n]).flatten() for n in grpo]).norm() > 0.1 * size
+    # equal but for the std's epsilon (ours 1e-6, TRL's 1e-4): 1.5e-3 here
+    assert torch.cat([(reduced[n] - grpo[n]).flatten() for n in grpo]).norm() < 1e-2 * size
+
+
+def test_trls_hook_for_per_token_advantages_is_still_there():
+    # GiGPO hands TRL (B, L) advantages; _compute_loss uses them as they are only while it unsqueezes 1-D ones alone.
+    assert "if advantages.dim() == 1" in inspect.getsource(GRPOTrainer._compute_loss)
