@@ -7,7 +7,8 @@ model of a realistic shape (Qwen2-style, 35M parameters, 32k vocabulary).
    time; and tokens prefilled per token of the final sequences, with and without KV-cache reuse
 2. where a batched rollout's time goes (environment resets and steps, the model), and what an environment costs:
    official ALFWorld games against generated ones
-3. training step time with `--wm paw` against `--wm off` on identical rollouts (the WM term reuses the policy forward)
+3. training step time on identical rollouts: `--wm paw` against `--wm off` (the WM term reuses the policy forward),
+   and `--advantage gigpo` against TRL's GRPO advantage
 4. memory_estimate.py's GPU memory estimate for the default 7B run (an estimate: nothing here runs on a GPU)
 
 Rollouts play generated level-0 games (small rooms, alfworld_gen.py) on the real engine, so that the model's share
@@ -40,8 +41,11 @@ from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_act
 REALISTIC_SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
                        num_key_value_heads=2)
 # Training-step timing per model: episodes of the recorded rollout, steps per trainer (the first is dropped: one-off
-# costs) and off/paw rounds, interleaved against drift. Sized to fit the whole script in about 5 minutes.
-TRAINING = {"tiny": dict(episodes=8, steps=6, rounds=3), "realistic": dict(episodes=2, steps=3, rounds=2)}
+# costs) and rounds of all modes, interleaved against drift; the spread of the per-round ratios shows what the
+# medians can resolve. Sized to fit the whole script in about 10 minutes.
+TRAINING = {"tiny": dict(episodes=8, steps=6, rounds=4), "realistic": dict(episodes=4, steps=4, rounds=4)}
+TRAIN_MODES = {"off": dict(wm="off"), "paw": dict(wm="paw"), "gigpo": dict(wm="off", advantage="gigpo"),
+               "gigpo+paw": dict(wm="paw", advantage="gigpo")}
 
 
 class TimedPolicy:
@@ -93,8 +97,8 @@ def environment_costs():
     return rows
 
 
-def step_times(path, chat, fields, group, mode, steps, out):
-    """Seconds per training step of one trainer on the same recorded rollouts, every step."""
+def step_times(path, chat, fields, group, flags, steps, out):
+    """Seconds per training step of one trainer (flags: PaWArguments' fields) on the same recorded rollouts."""
     timer = StepTimer()
     args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                       max_steps=steps, logging_strategy="no", num_generations=group,
@@ -105,7 +109,7 @@ def step_times(path, chat, fields, group, mode, steps, out):
         reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=args,
         train_dataset=Dataset.from_dict({"prompt": ["game"] * len(fields["prompt_ids"]) * steps}),
         processing_class=chat.tokenizer, rollout_func=lambda prompts, trainer: fields, callbacks=[timer],
-        paw=PaWArguments(wm=mode),
+        paw=PaWArguments(**flags),
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -145,15 +149,22 @@ def main():
 
         training = TRAINING[name]
         fields = episode_fields(episodes[:training["episodes"]])  # the same episodes for both modes
-        times = {"off": [], "paw": []}
+        rounds = []  # per round, each mode's median step
         for _ in range(training["rounds"]):
-            for mode in times:
-                times[mode] += step_times(path, chat, fields, min(group, training["episodes"]), mode,
-                                          training["steps"], os.path.join(out, mode))
-        off, paw = (statistics.median(times[mode]) for mode in ("off", "paw"))
+            rounds.append({mode: statistics.median(step_times(path, chat, fields, min(group, training["episodes"]),
+                                                              flags, training["steps"], os.path.join(out, mode)))
+                           for mode, flags in TRAIN_MODES.items()})
+        median = {mode: statistics.median(r[mode] for r in rounds) for mode in TRAIN_MODES}
+
+        def ratio(mode, base):
+            per_round = [r[mode] / r[base] for r in rounds]
+            return f"{median[mode] / median[base]:.3f} ({min(per_round):.2f}-{max(per_round):.2f})"
+
         tokens = sum(len(p) + len(c) for p, c in zip(fields["prompt_ids"], fields["completion_ids"]))
-        train.append(f"| {name} | {training['episodes']} | {tokens} | {off:.3f} | {paw:.3f} | {paw / off:.3f} | "
-                     f"{len(times['off'])} |")
+        train.append(f"| {name} | {training['episodes']} | {tokens} | "
+                     + " | ".join(f"{median[mode]:.3f}" for mode in TRAIN_MODES)
+                     + f" | {ratio('paw', 'off')} | {ratio('gigpo', 'off')} | {ratio('gigpo+paw', 'gigpo')} | "
+                     f"{len(rounds) * (training['steps'] - 1)} |")
     workers.close()
     costs = environment_costs()
 
@@ -171,8 +182,10 @@ def main():
     print("\n".join(split))
     print("\n| environment (one game per task type) | reset ms | step ms |\n|---|---|---|")
     print("\n".join(costs))
-    print("\n3. training step on identical rollouts, median seconds\n")
-    print("| model | episodes | tokens | off | paw | paw / off | steps per mode |\n|---|---|---|---|---|---|---|")
+    print("\n3. training step on identical rollouts, median seconds; ratios of medians (range of the per-round "
+          "ratios)\n")
+    print("| model | episodes | tokens | " + " | ".join(TRAIN_MODES) + " | paw / off | gigpo / off | "
+          "gigpo+paw / gigpo | steps per mode |\n|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(train))
     print("\n4. GPU memory of train_paw.py's defaults (Qwen2.5-7B-Instruct, NF4, LoRA r=16)\n")
     memory_estimate.main([])

@@ -45,6 +45,9 @@ MODES = {
     "paw-alpha1": ["--wm", "paw", "--wm_alpha", "1"],  # ablation: no action-entropy selection
     "paw-ce": ["--wm", "paw", "--wm_loss", "ce"],  # ablation: cross-entropy instead of CMAE
     "paw-constant": ["--wm", "paw", "--wm_weighting", "constant"],  # ablation: no reward-adaptive weight
+    "gigpo": ["--wm", "off", "--advantage", "gigpo"],  # GiGPO: step-level credit from repeated states
+    "gigpo-paw": ["--wm", "paw", "--advantage", "gigpo"],
+    "rloo": ["--wm", "off", "--advantage", "rloo"],
 }
 DEFAULTS = dict(modes=["off", "echo", "paw"], seeds=[0, 1, 2], steps=20, eval_every=10, eval_games=120)
 QUICK = dict(modes=["off", "paw"], seeds=[0], steps=12, eval_every=6, eval_games=60)
