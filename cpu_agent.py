@@ -80,10 +80,19 @@ def learn_to_copy(model, first_token, seed, steps=400, batch_size=16, length=48,
 
 def build_agent(path, seed=0, shape=SHAPE, vocab_size=VOCAB_SIZE, sft_games=SFT_GAMES):
     """Write the warm-started agent (model and tokenizer) to `path`: a tokenizer, then three training stages."""
-    import sft  # here: sft.py imports train_paw.py, which imports this file
-
     start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # a one-off build: every core
+    try:
+        _build(path, seed, shape, vocab_size, sft_games)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"cpu-agent: built in {time.time() - start:.0f} s at {path}", file=sys.stderr)
+    return path
+
+
+def _build(path, seed, shape, vocab_size, sft_games):
+    import sft  # here: sft.py imports train_paw.py, which imports this file
+
     workers = EnvWorkers(min(8, os.cpu_count() or 1))
     try:
         corpus = environment_text([resolve(g, GAME_LEVEL) for g in game_specs("train", CORPUS_GAMES)], workers)
@@ -105,9 +114,6 @@ def build_agent(path, seed=0, shape=SHAPE, vocab_size=VOCAB_SIZE, sft_games=SFT_
         # Stage 3: behaviour cloning, the loss on the expert's replies only (sft.py).
         sft.train(model, tokenizer, episodes, SFTConfig(output_dir=str(path), seed=seed, use_cpu=on_cpu, max_length=None,
                                                         train_sampling_strategy="group_by_length", **STAGE_FLAGS))
-    torch.set_num_threads(threads)
-    print(f"cpu-agent: built in {time.time() - start:.0f} s at {path}", file=sys.stderr)
-    return path
 
 
 def agent_path():
