@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -27,7 +28,7 @@ from env_workers import EnvWorkers
 from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
 from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
 from tiny_model import tiny_model_path
-from train_paw import hardware_dtype, load_model
+from train_paw import ModelMissing, hardware_dtype, load_model
 
 SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
 
@@ -117,7 +118,11 @@ def load(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_args = ModelConfig(model_name_or_path=args.model_name_or_path, dtype=args.dtype,
                              load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
-    model, tokenizer = load_model(model_args, device, args.adapter)
+    try:
+        model, tokenizer = load_model(model_args, device, args.adapter)
+    except ModelMissing as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     return ChatFormat(tokenizer), model.eval()
 
 

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from datasets import Dataset
-from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from alfworld_gen import resolve
 from env_workers import EnvWorkers
 from envs import DataMissing
 from rollout import ChatFormat, expert_policy, play
-from train_paw import EnvArguments, load_model, model_flags, model_path, upcast_trainable
+from train_paw import EnvArguments, ModelMissing, load_model, load_tokenizer, model_flags, upcast_trainable
 
 IGNORE = -100  # the label of a token that has no loss (transformers' convention)
 
@@ -100,13 +99,13 @@ def train(model, tokenizer, dataset, training_args: SFTConfig, peft_config=None)
 
 def main(argv=None):
     args, training_args, model_args = parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(model_path(model_args.model_name_or_path))
     try:
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
         dataset = expert_dataset(args, tokenizer, training_args.seed)  # its workers fork before the model loads
-    except (DataMissing, ValueError) as error:  # missing data, an unknown split or option, no expert episode
+        model, tokenizer = load_model(model_args, training_args.device)
+    except (DataMissing, ModelMissing, ValueError) as error:  # missing data or model, a bad split, no expert episode
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    model, tokenizer = load_model(model_args, training_args.device)
     return train(model, tokenizer, dataset, training_args, get_peft_config(model_args))
 
 

@@ -422,10 +422,29 @@ def model_path(name):
     return local[name]() if name in local else name
 
 
+class ModelMissing(RuntimeError):
+    """A model that is neither a local folder nor reachable on the Hub: the message says how to work offline."""
+
+
+def load_tokenizer(name):
+    """The tokenizer of --model_name_or_path (left padding: replies are generated after the prompt)."""
+    path = model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path, padding_side="left")
+    except OSError as error:  # no such folder, the Hub unreachable, or no such model on it
+        raise ModelMissing(
+            f"cannot load the model {name!r}: it is not a local model folder, and the Hugging Face Hub "
+            f"could not provide it ({str(error).splitlines()[0]})\n"
+            "  - a local folder: --model_name_or_path PATH (a folder with config.json, e.g. from save_pretrained)\n"
+            "  - a Hub model downloaded before: set HF_HUB_OFFLINE=1 to use the local cache\n"
+            "  - no download at all: --model_name_or_path cpu-agent (built here in minutes) or tiny (random)"
+        ) from None
+
+
 def load_model(model_args: ModelConfig, device, adapter=None):
     """The model and tokenizer, with the base in 4-bit NF4 if asked, and a LoRA adapter on it if given."""
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
     path = model_path(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=get_quantization_config(model_args),
@@ -466,8 +485,15 @@ def parse_args(argv=None):
             raise ValueError("--max_completion_length (the whole episode) must be >= --max_action_tokens (one reply)")
     except ValueError as error:
         parser.error(str(error))  # a clear message and exit code 2, before anything heavy is loaded
-    if training_args.resume_from_checkpoint in ("true", "last"):
-        training_args.resume_from_checkpoint = get_last_checkpoint(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume in ("true", "last"):  # the newest checkpoint, if any: the same command starts and resumes a run
+        found = Path(training_args.output_dir).is_dir() and get_last_checkpoint(training_args.output_dir)
+        training_args.resume_from_checkpoint = found or None
+        if not found:
+            print(f"no checkpoint in {training_args.output_dir} yet: starting from step 0", file=sys.stderr)
+    elif resume and not (Path(resume) / "trainer_state.json").is_file():
+        parser.error(f"--resume_from_checkpoint {resume}: no checkpoint there (a checkpoint-N folder with "
+                     "trainer_state.json); `--resume_from_checkpoint last` takes the newest in --output_dir")
     return paw, training_args, model_args
 
 
@@ -484,7 +510,12 @@ def main(argv=None, callbacks=()):
     if curriculum and saved and saved.exists():
         curriculum.load_state_dict(json.loads(saved.read_text()))
     workers = EnvWorkers(paw.env_workers)  # forked before the model loads: small
-    model, tokenizer = load_model(model_args, training_args.device, paw.adapter)
+    try:
+        model, tokenizer = load_model(model_args, training_args.device, paw.adapter)
+    except ModelMissing as error:
+        workers.close()
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     chat = ChatFormat(tokenizer)
     trainer = PaWTrainer(
         model=model,

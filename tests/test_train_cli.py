@@ -143,3 +143,21 @@ def test_missing_game_files_say_how_to_get_them(tmp_path):
     result = run(["--model_name_or_path", "tiny", "--max_steps", "1"], ALFWORLD_DATA=str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "ALFWorld game files are missing" in result.stderr and "alfworld-download" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["train_paw.py", "sft.py", "eval.py"])
+def test_a_model_that_is_not_here_and_not_reachable_says_how_to_work_offline(script, tmp_path):
+    args = ["--model_name_or_path", "nobody/no-such-model", "--games", "generated", "--env_workers", "0"]
+    result = subprocess.run([sys.executable, script, *args, *([] if script == "eval.py" else ["--output_dir",
+                                                                                           str(tmp_path)])],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot load the model 'nobody/no-such-model'" in result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr and "--model_name_or_path cpu-agent" in result.stderr
+
+
+def test_a_checkpoint_folder_that_does_not_exist_is_refused_before_loading(tmp_path):
+    result = run(["--model_name_or_path", "tiny", "--resume_from_checkpoint", str(tmp_path / "checkpoint-7")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no checkpoint there" in result.stderr and "--resume_from_checkpoint last" in result.stderr
