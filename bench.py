@@ -1,7 +1,7 @@
 """Where the time goes, measured side by side in one run on this machine, with the tiny model and with a random
 model of a realistic shape (Qwen2-style, 35M parameters, 32k vocabulary).
 
-    python bench.py             # about 4 minutes on 2 CPU cores; prints markdown tables
+    python bench.py             # about 25 minutes on 2 CPU cores; prints markdown tables
 
 1. rollouts of 16 episodes: batched (one `generate` per turn for all live episodes) against the same 16 one at a
    time; and tokens prefilled per token of the final sequences, with and without KV-cache reuse
@@ -42,7 +42,7 @@ REALISTIC_SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layer
                        num_key_value_heads=2)
 # Training-step timing per model: episodes of the recorded rollout, steps per trainer (the first is dropped: one-off
 # costs) and rounds of all modes, interleaved against drift; the spread of the per-round ratios shows what the
-# medians can resolve. Sized to fit the whole script in about 10 minutes.
+# medians can resolve. The 35M rows take most of the script's 25 minutes.
 TRAINING = {"tiny": dict(episodes=8, steps=6, rounds=4), "realistic": dict(episodes=4, steps=4, rounds=4)}
 TRAIN_MODES = {"off": dict(wm="off"), "paw": dict(wm="paw"), "gigpo": dict(wm="off", advantage="gigpo"),
                "gigpo+paw": dict(wm="paw", advantage="gigpo")}
