@@ -157,16 +157,24 @@ def test_the_trainer_itself_refuses_a_temperature_other_than_1(tiny_path, chat, 
 def compare_with_reference(before, off_update, wm_update, trainer, paw, skip=None):
     """The relative error || (update_wm - update_off) - (-lr * grad(beta * L_WM)) || / || lr * grad ||, with the
     gradient recomputed on the initial weights from the rollouts the trainer saw; and beta * L_WM itself."""
+    difference = {n: wm_update[n] - off_update[n] for n in before}
+    return gradient_error(before, difference, trainer,
+                          lambda model: reference_wm_loss(model, trainer.rollout_func.episodes, paw, skip))
+
+
+def gradient_error(before, update, trainer, reference_loss):
+    """|| update - (-lr * grad reference_loss) || / || lr * grad ||, the gradient taken on the initial weights; and
+    the reference loss."""
     model = trainer.model
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in before:
                 param.copy_(before[name])
     model.zero_grad()
-    reference = reference_wm_loss(model, trainer.rollout_func.episodes, paw, skip)
+    reference = reference_loss(model)
     reference.backward()
     expected = torch.cat([-LR * p.grad.flatten() for n, p in model.named_parameters() if n in before])
-    got = torch.cat([(wm_update[n] - off_update[n]).flatten() for n in before])
+    got = torch.cat([update[n].flatten() for n in before])
     assert expected.norm() > 0
     return ((got - expected).norm() / expected.norm()).item(), reference.item()
 
@@ -242,20 +250,12 @@ def test_gigpo_and_rloo_updates_are_minus_lr_times_the_gradient_of_their_loss(ti
     states = [[e.first_observation] + [t["observation"] for t in e.turns[:-1]] for e in episodes]
     assert any(states[0][0] == s[0] for s in states[1:GROUP])  # anchors repeat across episodes...
     assert any(len(set(s)) < len(s) for s in states)  # ...and within one
-    model = trainer.model
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in before:
-                param.copy_(before[name])
-    model.zero_grad()
-    loss = reference_policy_loss(model, episodes, paw)
-    if wm != "off":
-        loss = loss + reference_wm_loss(model, episodes, paw)
-    loss.backward()
-    expected = torch.cat([-LR * p.grad.flatten() for n, p in model.named_parameters() if n in before])
-    got = torch.cat([update[n].flatten() for n in before])
-    assert expected.norm() > 0
-    assert ((got - expected).norm() / expected.norm()).item() < 1e-3
+
+    def reference_loss(model):
+        loss = reference_policy_loss(model, episodes, paw)
+        return loss + reference_wm_loss(model, episodes, paw) if wm != "off" else loss
+
+    assert gradient_error(before, update, trainer, reference_loss)[0] < 1e-3
     if advantage == "gigpo":
         shared = [sum(states[g][t] == states[h][u] for h in range(b0, b0 + GROUP) for u in range(len(states[h]))) > 1
                   for b0 in (0, GROUP) for g in range(b0, b0 + GROUP) for t in range(len(states[g]))]
