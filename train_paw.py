@@ -267,7 +267,7 @@ class PaWTrainer(GRPOTrainer):
         anchors = anchor_group_ids([r["anchors"] for r in rows], group, width)
         step_advantages, step_term = gigpo_advantages(
             torch.tensor([r["task_return"] for r in rows], dtype=torch.float32), padded("step_rewards", torch.float32),
-            penalized & step_mask, step_mask, anchors, group, paw.gigpo_gamma, paw.gigpo_omega, paw.gigpo_std,
+            penalized, step_mask, anchors, group, paw.gigpo_gamma, paw.gigpo_omega, paw.gigpo_std,
             paw.invalid_action_penalty, paw.gigpo_episode_stats)
         # TRY NOT TO MODIFY: logging. An anchor group of one is a state no other episode of its group reached.
         ids = anchors[step_mask]
