@@ -118,11 +118,7 @@ def load(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_args = ModelConfig(model_name_or_path=args.model_name_or_path, dtype=args.dtype,
                              load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
-    try:
-        model, tokenizer = load_model(model_args, device, args.adapter)
-    except ModelMissing as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    model, tokenizer = load_model(model_args, device, args.adapter)
     return ChatFormat(tokenizer), model.eval()
 
 
@@ -255,9 +251,12 @@ def play_and_summarize(args, chat, model, workers):
 
 def evaluate(args):
     workers = EnvWorkers(args.env_workers)  # forked before the model loads: small
-    chat, model = load(args)
     try:
+        chat, model = load(args)
         summary, runs = play_and_summarize(args, chat, model, workers)
+    except ModelMissing as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     finally:
         workers.close()
     output = Path(args.output)
