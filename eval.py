@@ -27,7 +27,10 @@ from alfworld_gen import LEVELS, game_specs, resolve
 from env_workers import EnvWorkers
 from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
 from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
-from tiny_model import tiny_model_path
+from cpu_agent import AGENT_NAME
+from memory_estimate import PROMPT_TOKENS
+from plan import HEADROOM, fit_eval_batch, gpu_memory_gib, model_shape
+from tiny_model import TINY_NAME, tiny_model_path
 from train_paw import ModelMissing, hardware_dtype, load_model
 
 SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
@@ -58,7 +61,11 @@ def parse_args(argv=None):
     parser.add_argument("--num_runs", type=int, default=1, help="repeats with seeds seed, seed+1, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_games", type=int, help="evaluate a fixed seeded sample of this many games")
-    parser.add_argument("--batch_size", type=int, default=16, help="games played at once (one generate per turn)")
+    parser.add_argument("--batch_size", type=int,
+                        help="games played at once (one generate per turn); default: on a GPU, as many as its memory "
+                             "holds by memory_estimate.py, else 16")
+    parser.add_argument("--gpu_memory_gib", type=float,
+                        help="size the default --batch_size for a GPU of this many GiB instead of the one found")
     parser.add_argument("--max_env_steps", type=int,
                         help="actions per episode; default as in the literature: ALFWorld 50, WebShop 15, search "
                              "50 (its own max_turns=, 4 by default, ends episodes first)")
@@ -87,7 +94,7 @@ def parse_args(argv=None):
     if args.wm_eval and args.policy != "model":
         parser.error("--wm_eval measures a model: it needs --policy model")
     for name in ("num_runs", "batch_size", "max_env_steps", "max_action_tokens", "max_observation_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.env_workers < 0:
         parser.error("--env_workers must be >= 0")
@@ -99,6 +106,13 @@ def parse_args(argv=None):
         parser.error("--games generated is for --env alfworld")
     if not 0 <= args.game_level < len(LEVELS):
         parser.error(f"--game_level must be from 0 to {len(LEVELS) - 1}")
+    if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
+        parser.error("--gpu_memory_gib must be > 0")
+    if args.batch_size is None:
+        args.batch_size = fitted_batch_size(args)
+        if args.batch_size is None:
+            parser.error(f"{args.model_name_or_path} does not fit a {card_gib(args):.1f} GiB GPU even one episode at "
+                         "a time by memory_estimate.py: add --load_in_4bit or lower --max_completion_length")
     try:
         args.env_kwargs = parse_options(args.env_options)
         if args.games == "generated":  # a split's own seed range: never the games trained on
@@ -109,6 +123,25 @@ def parse_args(argv=None):
     except (DataMissing, ValueError) as error:
         parser.error(str(error))
     return args
+
+
+def card_gib(args):
+    return args.gpu_memory_gib or gpu_memory_gib()
+
+
+def fitted_batch_size(args):
+    """The games played at once: on a GPU, the most whose estimated peak stays under the card (plan.py), else 16."""
+    ours = args.model_name_or_path in (TINY_NAME, AGENT_NAME)  # small enough for any card
+    shape = model_shape(args.model_name_or_path) if card_gib(args) and args.policy == "model" and not ours else None
+    if shape is None:
+        return 16
+    episode_tokens = PROMPT_TOKENS + args.max_completion_length + args.max_action_tokens
+    batch = fit_eval_batch(shape, "nf4" if args.load_in_4bit else "bf16", episode_tokens, args.reuse_cache,
+                           HEADROOM * card_gib(args))
+    if batch:
+        print(f"--batch_size {batch}: the most episodes of {episode_tokens} tokens that fit {HEADROOM:.0%} of the "
+              f"{card_gib(args):.1f} GiB GPU by memory_estimate.py (an estimate)")
+    return batch
 
 
 def load(args):
@@ -257,6 +290,10 @@ def evaluate(args):
     except ModelMissing as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError:
+        print(f"error: the GPU ran out of memory playing {args.batch_size} games at once: try --batch_size "
+              f"{max(1, args.batch_size // 2)} (or a shorter --max_completion_length)", file=sys.stderr)
+        sys.exit(1)
     finally:
         workers.close()
     output = Path(args.output)

@@ -37,6 +37,8 @@ from cpu_agent import AGENT_NAME, RUN_FLAGS, agent_path
 from env_workers import EnvWorkers
 from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
+from plan import (HEADROOM, after_out_of_memory, as_flags, describe, fit_run, flags_given, gpu_memory_gib, model_shape,
+                  run_peak)
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import TINY_NAME, tiny_model_path
 from wm_select import action_entropy, num_selected, per_transition_mean, select_top_alpha
@@ -135,6 +137,10 @@ class PaWArguments(EnvArguments):
     gigpo_penalize: Literal["format", "invalid"] = field(
         default="format", metadata={"help": "GiGPO: the steps --invalid_action_penalty hits: replies with no "
                                             "parseable action (verl-agent), or inadmissible actions too (as grpo)."})
+    gpu_memory_gib: float | None = field(
+        default=None, metadata={"help": "Plan the run for a GPU of this many GiB instead of the one found (e.g. 15 "
+                                        "for a T4); with --dry_run, for a card you do not have."})
+    dry_run: bool = field(default=False, metadata={"help": "Print the plan (model, batches, caps, memory) and exit."})
 
     def __post_init__(self):
         for key, value in MODE_DEFAULTS[self.wm].items():
@@ -154,6 +160,7 @@ class PaWArguments(EnvArguments):
              f"--adapter {self.adapter}: no adapter_config.json there"),
             (0 <= self.gigpo_gamma <= 1, f"--gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}"),
             (self.gigpo_omega >= 0, f"--gigpo_omega must be >= 0, got {self.gigpo_omega}"),
+            (self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "--gpu_memory_gib must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -469,11 +476,45 @@ def check_temperature(paw: PaWArguments, args: GRPOConfig):
                          "--temperature")
 
 
+def print_plan(paw, args, model_args, card_gib, shape, planned, cpu_agent):
+    """The plan, before anything loads; a warning where the user's own flags do not fit the card by the estimate."""
+    if cpu_agent:
+        print(f"no GPU: training the CPU agent ({AGENT_NAME}: a 1M-parameter model for small generated ALFWorld "
+              "rooms, built offline on first use); --model_name_or_path picks another model")
+    elif card_gib:
+        print(f"plan for a GPU of {card_gib:.1f} GiB (--gpu_memory_gib plans for another card; --dry_run prints "
+              "this and exits):")
+    else:
+        print("plan (no GPU):")
+    peak = run_peak(shape, paw, args, model_args) if shape else None
+    print(describe(paw, args, model_args, card_gib, peak, planned))
+    if shape and peak > HEADROOM * card_gib:
+        fitting = fit_run(shape, paw, args, model_args, HEADROOM * card_gib)  # the user's own knobs set aside
+        advice = (f"flags that fit: {as_flags(fitting)}" if fitting else
+                  "nothing fits even at the smallest cap and micro-batch 1: use --load_in_4bit, LoRA, a smaller "
+                  "model (e.g. Qwen/Qwen2.5-1.5B-Instruct) or fewer episodes per step")
+        print(f"warning: the estimated peak, {peak:.1f} GiB, is over {HEADROOM:.0%} of this {card_gib:.1f} GiB card; "
+              f"{advice}", file=sys.stderr)
+    elif card_gib and shape is None and model_args.model_name_or_path not in (TINY_NAME, AGENT_NAME):
+        print(f"  memory    no estimate: {model_args.model_name_or_path} is not a preset, a local folder or a "
+              "Llama/Qwen-style config the Hub provides")
+
+
 def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = flags_given(argv)
     parser = TrlParser((PaWArguments, GRPOConfig, ModelConfig))
     parser.set_defaults(**default_flags())
     try:
         paw, training_args, model_args = parser.parse_args_and_config(argv)
+        card_gib = paw.gpu_memory_gib or gpu_memory_gib()
+        cpu_agent = card_gib is None and "model_name_or_path" not in given
+        if cpu_agent:  # no GPU: a 7B model would not train, the CPU agent does
+            if paw.env != "alfworld":
+                raise ValueError(f"no GPU, and the CPU agent plays ALFWorld only: for --env {paw.env} pass "
+                                 "--model_name_or_path (e.g. tiny for a smoke run)")
+            parser.set_defaults(model_name_or_path=AGENT_NAME)
+            paw, training_args, model_args = parser.parse_args_and_config(argv)
         run_flags = {TINY_NAME: TINY_FLAGS, AGENT_NAME: RUN_FLAGS}.get(model_args.model_name_or_path)
         if run_flags:  # the local models' own run sizes; flags the user passes still win
             parser.set_defaults(**run_flags)
@@ -483,8 +524,18 @@ def parse_args(argv=None):
             raise ValueError("--use_vllm is not supported: PaW's multi-turn rollouts generate with transformers")
         if training_args.max_completion_length < paw.max_action_tokens:
             raise ValueError("--max_completion_length (the whole episode) must be >= --max_action_tokens (one reply)")
+        # TRY NOT TO MODIFY: the plan fitted to the GPU (plan.py). Our own small models need none.
+        shape = model_shape(model_args.model_name_or_path) if card_gib and not run_flags else None
+        planned = fit_run(shape, paw, training_args, model_args, HEADROOM * card_gib, given) if shape else None
+        if planned:
+            parser.set_defaults(**planned)
+            paw, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as error:
         parser.error(str(error))  # a clear message and exit code 2, before anything heavy is loaded
+    if training_args.process_index == 0:
+        print_plan(paw, training_args, model_args, card_gib, shape, planned, cpu_agent)
+    if paw.dry_run:
+        sys.exit(0)
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "last"):  # the newest checkpoint, if any: the same command starts and resumes a run
         found = Path(training_args.output_dir).is_dir() and get_last_checkpoint(training_args.output_dir)
@@ -495,6 +546,21 @@ def parse_args(argv=None):
         parser.error(f"--resume_from_checkpoint {resume}: no checkpoint there (a checkpoint-N folder with "
                      "trainer_state.json); `--resume_from_checkpoint last` takes the newest in --output_dir")
     return paw, training_args, model_args
+
+
+def out_of_memory_message(paw, args, model_args, steps_done):
+    card_gib = paw.gpu_memory_gib or gpu_memory_gib()
+    ours = model_args.model_name_or_path in (TINY_NAME, AGENT_NAME)
+    shape = model_shape(model_args.model_name_or_path) if card_gib and not ours else None
+    retry = after_out_of_memory(shape, paw, args, model_args, card_gib)
+    last = Path(args.output_dir).is_dir() and get_last_checkpoint(args.output_dir)
+    return "\n".join([
+        f"the GPU ran out of memory in step {steps_done + 1}.",
+        f"  flags that fit{' by the estimate, aiming 15% lower' if shape else ''}: {as_flags(retry)}" if retry else
+        "  nothing fits this card by the estimate: use a smaller model, or NF4 (--load_in_4bit) with LoRA",
+        f"  {last} is intact: run again with these flags and --resume_from_checkpoint last" if last else
+        "  no checkpoint was saved yet: run again with these flags",
+    ])
 
 
 def main(argv=None, callbacks=()):
@@ -532,6 +598,10 @@ def main(argv=None, callbacks=()):
         upcast_trainable(trainer.model)
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except torch.OutOfMemoryError:  # in a rollout or a training step: say what fits, never a traceback
+        print(f"error: {out_of_memory_message(paw, training_args, model_args, trainer.state.global_step)}",
+              file=sys.stderr)
+        sys.exit(1)
     finally:
         workers.close()
     trainer.save_model(training_args.output_dir)
