@@ -5,6 +5,7 @@ It learns nothing useful; it exercises exactly the code path a real Qwen2.5 mode
 """
 
 import os
+import shutil
 import tempfile
 from importlib.resources import files
 from pathlib import Path
@@ -74,16 +75,20 @@ def build_tiny(path, seed=0, shape=TINY_SHAPE, vocab_size=None, corpus=None, tok
 
 def cached(path, build):
     """The model folder `path`, written by `build(folder)` on first use. It is built beside its place and renamed
-    there, so that no process ever sees half a model."""
+    there, so that no process ever sees half a model; a failed build, or one that lost the race, leaves no copy."""
     path = Path(path)
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=path.parent)
-        build(tmp)
+        try:
+            build(tmp)
+        except BaseException:  # an interrupted (Ctrl-C) build too
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.rename(tmp, path)
         except OSError:  # another process won the race; its copy is identical
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 
