@@ -44,8 +44,8 @@ def _serve(conn):
 class RemoteEnv:
     """The episode loop's view of an environment in a worker: the TextEnv attributes, and `submit`."""
 
-    def __init__(self, conn, env_id, game, system_prompt, task_type):
-        self._conn, self._id = conn, env_id
+    def __init__(self, pool, worker, env_id, game, system_prompt, task_type):
+        self._pool, self._worker, self._id = pool, worker, env_id
         self.game, self.system_prompt, self.task_type = game, system_prompt, task_type
         self.walkthrough = []
 
@@ -54,15 +54,12 @@ class RemoteEnv:
 
         Answers come back in request order per worker, so the waits must be called in submission order.
         """
-        self._conn.send((self._id, method, args))
+        worker = self._worker
+        if not worker.replaced:  # else wait() raises: the environment is gone
+            worker.conn.send((self._id, method, args))
 
         def wait():
-            try:
-                result = self._conn.recv()
-            except EOFError:
-                raise RuntimeError("the environment worker process died") from None
-            if isinstance(result, Exception):
-                raise result
+            result = self._pool.answer(worker)
             if method == "reset":
                 result, self.walkthrough = result
             return result
@@ -70,40 +67,70 @@ class RemoteEnv:
         return wait
 
 
+class _Worker:
+    """One worker process and the main process's end of its pipe."""
+
+    def __init__(self, context):
+        self.conn, child = context.Pipe()
+        _PARENT_ENDS.add(self.conn)
+        self.process = context.Process(target=_serve, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self.replaced = False
+
+    def close(self, kill=False):
+        _PARENT_ENDS.discard(self.conn)
+        self.conn.close()  # the worker sees EOF and exits
+        if kill:
+            self.process.kill()
+        self.process.join(timeout=10)
+        if self.process.is_alive():  # stuck in an environment call
+            self.process.kill()
+
+
 class EnvWorkers:
     """n worker processes; environments are spread over them in turn. With n = 0 environments live in this process.
+
+    `timeout`: seconds an environment call may take. A worker that does not answer in time is killed and replaced;
+    the call raises, which ends its episode as an environment error, and so do the calls of the other environments
+    that lived in that worker (their state died with it). None: wait forever. With n = 0 there is no timeout.
 
     Workers are forked: create them early (before the model is loaded) so that they stay small.
     """
 
-    def __init__(self, n):
-        context = multiprocessing.get_context("fork")
-        self._conns, self._processes, self._count = [], [], 0
-        for _ in range(n):
-            parent, child = context.Pipe()
-            _PARENT_ENDS.add(parent)
-            process = context.Process(target=_serve, args=(child,), daemon=True)
-            process.start()
-            child.close()
-            self._conns.append(parent)
-            self._processes.append(process)
+    def __init__(self, n, timeout=None):
+        self._context = multiprocessing.get_context("fork")
+        self._workers = [_Worker(self._context) for _ in range(n)]
+        self._timeout, self._count = timeout, 0
 
     def make(self, env_name, game, options=None):
-        if not self._conns:
+        if not self._workers:
             return make_env(env_name, game, options)
         self._count += 1
-        conn = self._conns[self._count % len(self._conns)]
-        conn.send((self._count, "make", (env_name, game, options)))
-        answer = conn.recv()
-        if isinstance(answer, Exception):
-            raise answer
-        return RemoteEnv(conn, self._count, game, *answer)
+        worker = self._workers[self._count % len(self._workers)]
+        worker.conn.send((self._count, "make", (env_name, game, options)))
+        return RemoteEnv(self, worker, self._count, game, *self.answer(worker))
+
+    def answer(self, worker):
+        """The worker's next answer; raises the environment's error, or if it does not answer in time, replaces it."""
+        if worker.replaced:
+            raise RuntimeError("the environment's worker was replaced after an environment on it stopped answering")
+        if not worker.conn.poll(self._timeout):
+            self._replace(worker)
+            raise TimeoutError(f"the environment did not answer in {self._timeout:g} s; its worker was replaced")
+        try:
+            result = worker.conn.recv()
+        except EOFError:
+            raise RuntimeError("the environment worker process died") from None
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _replace(self, worker):
+        worker.replaced = True
+        worker.close(kill=True)
+        self._workers[self._workers.index(worker)] = _Worker(self._context)
 
     def close(self):
-        for conn in self._conns:
-            _PARENT_ENDS.discard(conn)
-            conn.close()  # each worker sees EOF and exits
-        for process in self._processes:
-            process.join(timeout=10)
-            if process.is_alive():  # stuck in an environment call
-                process.terminate()
+        for worker in self._workers:
+            worker.close()

@@ -1,5 +1,7 @@
 """A deterministic test environment and scripted policies, so that rollouts are identical from run to run."""
 
+import time
+
 from envs import Step, parse_action
 from rollout import text_policy
 
@@ -39,6 +41,19 @@ class ScriptedEnv:
 
     def close(self):
         pass
+
+
+class HangingEnv(ScriptedEnv):
+    """A ScriptedEnv whose step number `hang_at` never returns, like an engine stuck in a loop."""
+
+    def __init__(self, game, serial=0, hang_at=None):
+        super().__init__(game, serial)
+        self.hang_at = hang_at
+
+    def step(self, reply):
+        if self.turn + 1 == self.hang_at:
+            time.sleep(10**6)
+        return super().step(reply)
 
 
 # Replies per episode (by serial number), turn by turn: wins at turn 2 or 3, loses, or never makes sense.

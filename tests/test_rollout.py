@@ -172,6 +172,30 @@ def test_a_failing_remote_environment_ends_only_its_episode(chat, small_games):
     assert bad.error.startswith("reset:") and "Unable to find game" in bad.error
 
 
+def test_an_environment_that_never_answers_ends_its_episode_after_the_timeout_and_its_worker_is_replaced(
+        chat, monkeypatch):
+    import multiprocessing
+    import time
+
+    import envs
+
+    monkeypatch.setitem(envs.ENVIRONMENTS, "hanging", "scripted:HangingEnv")  # before the fork: workers see it
+    workers = EnvWorkers(2, timeout=1.5)
+    winning = text_policy(chat, lambda e: SCRIPTS[0][min(len(e.turns), 1)])  # wins at the 2nd step
+    # Environments go to the workers in turn: 0 and 2 share one worker, 1 and 3 the other; 0 hangs at its 1st step.
+    games = [workers.make("hanging", f"room{k}", {"hang_at": 1 if k == 0 else None}) for k in range(4)]
+    start = time.time()
+    hung, neighbour_1, neighbour_0, other = play(games, winning, chat, max_steps=3)
+    assert time.time() - start < 1.5 + 3  # the hang costs the timeout, once
+    assert hung.error == "step 0: TimeoutError: the environment did not answer in 1.5 s; its worker was replaced"
+    assert "worker was replaced" in neighbour_0.error  # its state died with the worker
+    assert neighbour_1.error is None and neighbour_1.won and other.error is None and other.won
+    (fresh,) = play([workers.make("hanging", "room4")], winning, chat, max_steps=3)
+    assert fresh.error is None and fresh.won  # the replacement worker serves new episodes
+    workers.close()
+    assert not multiprocessing.active_children()
+
+
 def test_long_observations_are_cut_and_the_cut_text_is_the_wm_target(chat):
     (episode,) = play([ScriptedEnv("a very long room name " * 20, serial=1)], scripted_policy(chat), chat,
                       max_steps=2, max_observation_tokens=5)
