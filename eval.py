@@ -80,6 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--env_options", nargs="*", default=[], help="the environment's key=value settings")
     parser.add_argument("--env_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes that run environment resets and steps in parallel (0: none)")
+    parser.add_argument("--env_timeout", type=float, default=120,
+                        help="seconds an environment call may take: one that hangs ends its episode as an "
+                             "environment error and its worker process is replaced (needs --env_workers >= 1)")
     parser.add_argument("--wm_eval", action="store_true",
                         help="also report next-observation NLL per token and top-1 accuracy")
     parser.add_argument("--output", default="eval_results/result", help="writes OUTPUT.json and OUTPUT.jsonl")
@@ -98,6 +101,8 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be >= 1")
     if args.env_workers < 0:
         parser.error("--env_workers must be >= 0")
+    if args.env_timeout <= 0:
+        parser.error("--env_timeout must be > 0")
     if args.num_games is not None and args.num_games < 1:
         parser.error("--num_games must be >= 1 (leave it out to evaluate every game of the split)")
     if args.temperature < 0:
@@ -283,7 +288,7 @@ def play_and_summarize(args, chat, model, workers):
 
 
 def evaluate(args):
-    workers = EnvWorkers(args.env_workers)  # forked before the model loads: small
+    workers = EnvWorkers(args.env_workers, args.env_timeout)  # forked before the model loads: small
     try:
         chat, model = load(args)
         summary, runs = play_and_summarize(args, chat, model, workers)

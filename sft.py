@@ -72,7 +72,7 @@ def expert_dataset(args: SFTArguments, tokenizer, seed):
     games = args.train_games(seed)
     if args.games == "generated":
         games = [resolve(spec, args.game_level) for spec in games]
-    workers = EnvWorkers(args.env_workers)
+    workers = EnvWorkers(args.env_workers, args.env_timeout)
     try:
         episodes = expert_episodes(args, ChatFormat(tokenizer), games, workers)
     finally:

@@ -165,7 +165,7 @@ def main(argv=None):
     path = agent_path()  # built once, before any run, so that its time is not a run's
     chat = ChatFormat(AutoTokenizer.from_pretrained(path, padding_side="left"))
     eval_args = held_out_games(args.eval_games)
-    workers = EnvWorkers(eval_args.env_workers)  # forked before any model loads: small
+    workers = EnvWorkers(eval_args.env_workers, eval_args.env_timeout)  # forked before any model loads: small
     try:
         reference = play([workers.make("alfworld", game) for game in eval_args.game_files], expert_policy(chat), chat,
                          MAX_ENV_STEPS)

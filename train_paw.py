@@ -27,7 +27,6 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.models import unwrap_model_for_generation
 
@@ -66,6 +65,9 @@ class EnvArguments:
     env_workers: int = field(
         default=min(8, os.cpu_count() or 1),
         metadata={"help": "Processes that run environment resets and steps in parallel (0: in the main process)."})
+    env_timeout: float = field(
+        default=120, metadata={"help": "Seconds an environment call may take: one that hangs ends its episode as "
+                                       "an environment error and its worker is replaced (needs --env_workers >= 1)."})
     env_options: list[str] | None = field(
         default=None, metadata={"help": "The environment's own settings, as key=value pairs (see the README)."})
 
@@ -75,6 +77,7 @@ class EnvArguments:
             (self.max_observation_tokens >= 1, "--max_observation_tokens must be >= 1"),
             (self.num_train_games >= 0, "--num_train_games must be >= 0"),
             (self.env_workers >= 0, "--env_workers must be >= 0"),
+            (self.env_timeout > 0, f"--env_timeout must be > 0, got {self.env_timeout}"),
             (self.games == "official" or self.env == "alfworld", "--games generated is for --env alfworld"),
             (0 <= self.game_level < len(LEVELS), f"--game_level must be from 0 to {len(LEVELS) - 1}"),
             (not self.task_types or self.env == "alfworld", "--task_types applies to --env alfworld only"),
@@ -141,6 +144,9 @@ class PaWArguments(EnvArguments):
         default=None, metadata={"help": "Plan the run for a GPU of this many GiB instead of the one found (e.g. 15 "
                                         "for a T4); with --dry_run, for a card you do not have."})
     dry_run: bool = field(default=False, metadata={"help": "Print the plan (model, batches, caps, memory) and exit."})
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "An optimizer step with a NaN or inf gradient is skipped; this many in a row "
+                                     "stop the run."})
 
     def __post_init__(self):
         for key, value in MODE_DEFAULTS[self.wm].items():
@@ -161,6 +167,7 @@ class PaWArguments(EnvArguments):
             (0 <= self.gigpo_gamma <= 1, f"--gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}"),
             (self.gigpo_omega >= 0, f"--gigpo_omega must be >= 0, got {self.gigpo_omega}"),
             (self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "--gpu_memory_gib must be > 0"),
+            (self.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -364,8 +371,8 @@ def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers, 
         fields = episode_fields(episodes)
         if paw.games == "generated":
             fields["game_level"] = [level] * len(episodes)
-        if curriculum:
-            curriculum.update([e.won for e in episodes])
+        if curriculum:  # every process moves on the successes of all, so that all stay at the same level
+            curriculum.update(gather_object([e.won for e in episodes]))
         return fields
 
     return rollout_func
@@ -423,6 +430,31 @@ class CurriculumCheckpoint(TrainerCallback):
 CURRICULUM_FILE = "curriculum.json"
 
 
+class SkipNonFiniteSteps(TrainerCallback):
+    """A NaN or inf gradient never reaches the weights: that optimizer step is skipped (every gradient is dropped, and
+    the optimizer leaves parameters with no gradient alone). The check runs on the gradients after they are summed
+    over micro-batches and processes, so every process skips the same steps. `limit` skipped steps in a row stop the
+    run (`stopped`)."""
+
+    def __init__(self, limit):
+        self.limit, self.in_a_row, self.skipping, self.stopped = limit, 0, False, False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        self.skipping = bool(gradients) and not bool(torch.stack([g.isfinite().all() for g in gradients]).all())
+        if self.skipping:
+            for parameter in model.parameters():
+                parameter.grad = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.in_a_row = self.in_a_row + 1 if self.skipping else 0
+        if self.skipping:
+            print(f"warning: step {state.global_step}: a NaN or inf gradient; the optimizer step was skipped "
+                  f"({self.in_a_row} in a row, the run stops at {self.limit})", file=sys.stderr)
+        if self.in_a_row >= self.limit:
+            self.stopped = control.should_training_stop = True
+
+
 def model_path(name):
     """A Hub id or folder as given; `tiny` (the random test model) and `cpu-agent` are built here on first use."""
     local = {TINY_NAME: tiny_model_path, AGENT_NAME: agent_path}
@@ -474,6 +506,22 @@ def check_temperature(paw: PaWArguments, args: GRPOConfig):
         raise ValueError("--wm echo/paw needs --temperature 1.0: the WM loss and the action entropy are defined at "
                          "temperature 1, and they share the policy forward, whose log-probs TRL computes at "
                          "--temperature")
+
+
+def last_complete_checkpoint(output_dir, needs=()):
+    """The newest checkpoint-N folder whose save finished, or None. transformers writes trainer_state.json after the
+    weights, optimizer, scheduler and RNG states, and our callbacks write theirs (`needs`) after it: a run killed
+    during a save leaves a newer folder without them, which is passed over."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            if all((folder / name).is_file() for name in needs):
+                return str(folder)
+        except (OSError, ValueError):  # missing, or cut off mid-write
+            pass
+        print(f"{folder} is incomplete (its save was interrupted): passed over", file=sys.stderr)
+    return None
 
 
 def print_plan(paw, args, model_args, card_gib, shape, planned, cpu_agent):
@@ -538,8 +586,8 @@ def parse_args(argv=None):
         sys.exit(0)
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "last"):  # the newest checkpoint, if any: the same command starts and resumes a run
-        found = Path(training_args.output_dir).is_dir() and get_last_checkpoint(training_args.output_dir)
-        training_args.resume_from_checkpoint = found or None
+        found = last_complete_checkpoint(training_args.output_dir, [CURRICULUM_FILE] if paw.curriculum else [])
+        training_args.resume_from_checkpoint = found
         if not found:
             print(f"no checkpoint in {training_args.output_dir} yet: starting from step 0", file=sys.stderr)
     elif resume and not (Path(resume) / "trainer_state.json").is_file():
@@ -553,7 +601,7 @@ def out_of_memory_message(paw, args, model_args, steps_done):
     ours = model_args.model_name_or_path in (TINY_NAME, AGENT_NAME)
     shape = model_shape(model_args.model_name_or_path) if card_gib and not ours else None
     retry = after_out_of_memory(shape, paw, args, model_args, card_gib)
-    last = Path(args.output_dir).is_dir() and get_last_checkpoint(args.output_dir)
+    last = last_complete_checkpoint(args.output_dir)
     return "\n".join([
         f"the GPU ran out of memory in step {steps_done + 1}.",
         f"  flags that fit{' by the estimate, aiming 15% lower' if shape else ''}: {as_flags(retry)}" if retry else
@@ -575,7 +623,7 @@ def main(argv=None, callbacks=()):
     saved = training_args.resume_from_checkpoint and Path(training_args.resume_from_checkpoint) / CURRICULUM_FILE
     if curriculum and saved and saved.exists():
         curriculum.load_state_dict(json.loads(saved.read_text()))
-    workers = EnvWorkers(paw.env_workers)  # forked before the model loads: small
+    workers = EnvWorkers(paw.env_workers, paw.env_timeout)  # forked before the model loads: small
     try:
         model, tokenizer = load_model(model_args, training_args.device, paw.adapter)
     except ModelMissing as error:
@@ -583,6 +631,7 @@ def main(argv=None, callbacks=()):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     chat = ChatFormat(tokenizer)
+    nonfinite = SkipNonFiniteSteps(paw.max_nonfinite_steps)
     trainer = PaWTrainer(
         model=model,
         reward_funcs=[task_reward, make_invalid_action_penalty(paw.invalid_action_penalty)],
@@ -591,7 +640,7 @@ def main(argv=None, callbacks=()):
         processing_class=tokenizer,
         peft_config=None if paw.adapter else get_peft_config(model_args),  # an adapter is the LoRA to train
         rollout_func=make_rollout_func(paw, chat, workers, curriculum),
-        callbacks=[*callbacks, *([CurriculumCheckpoint(curriculum)] if curriculum else [])],
+        callbacks=[*callbacks, nonfinite, *([CurriculumCheckpoint(curriculum)] if curriculum else [])],
         paw=paw,
     )
     if model_args.use_peft or paw.adapter:
@@ -604,6 +653,12 @@ def main(argv=None, callbacks=()):
         sys.exit(1)
     finally:
         workers.close()
+    if nonfinite.stopped:
+        last = last_complete_checkpoint(training_args.output_dir)
+        print(f"error: {nonfinite.limit} optimizer steps in a row had a NaN or inf gradient, so the run stopped at "
+              f"step {trainer.state.global_step} (none of them changed the weights). Try a lower --learning_rate or "
+              f"--max_grad_norm; " + (f"{last} is intact." if last else "no checkpoint was saved."), file=sys.stderr)
+        sys.exit(1)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the run's log, which curves.py plots
     return trainer
