@@ -8,6 +8,7 @@ Every flag you pass (on the command line or in --config) wins over the plan. If 
 says so, with the estimate, before the model loads. The numbers are ESTIMATES (memory_estimate.py), not measurements.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +29,11 @@ LAYOUT_FLAGS = {"per_device_train_batch_size", "gradient_accumulation_steps", "s
 def gpu_memory_gib():
     """GPU 0's memory in GiB, or None with no GPU."""
     return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+
+
+def launched_processes():
+    """How many processes torchrun or accelerate launch started (they set WORLD_SIZE); 1 for a plain run."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def flags_given(argv):
@@ -113,11 +119,12 @@ def describe(paw, args, model_args, card_gib=None, peak_gib=None, planned=None):
     else:
         tuning = "full fine-tuning"
     quantization = "NF4 + " if model_args.load_in_4bit else ""
-    world = args.world_size
+    world = launched_processes()
     episodes = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    games = episodes // args.num_generations
     lines = [
         f"  model     {model_args.model_name_or_path}: {quantization}{tuning}",
-        f"  per step  {episodes} episodes ({episodes // args.num_generations} games x {args.num_generations})"
+        f"  per step  {episodes} episodes ({games} game{'s' * (games != 1)} x {args.num_generations})"
         + (f" over {world} processes" if world > 1 else "")
         + f", micro-batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",

@@ -580,7 +580,7 @@ def parse_args(argv=None):
             paw, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as error:
         parser.error(str(error))  # a clear message and exit code 2, before anything heavy is loaded
-    if training_args.process_index == 0:
+    if os.environ.get("RANK", "0") == "0":  # one plan per run, not one per process
         print_plan(paw, training_args, model_args, card_gib, shape, planned, cpu_agent)
     if paw.dry_run:
         sys.exit(0)
