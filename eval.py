@@ -27,11 +27,10 @@ from alfworld_gen import LEVELS, game_specs, resolve
 from env_workers import EnvWorkers
 from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
 from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
-from cpu_agent import AGENT_NAME
 from memory_estimate import PROMPT_TOKENS
-from plan import HEADROOM, fit_eval_batch, gpu_memory_gib, model_shape
-from tiny_model import TINY_NAME, tiny_model_path
-from train_paw import ModelMissing, hardware_dtype, load_model
+from plan import HEADROOM, fit_eval_batch, gpu_memory_gib
+from tiny_model import tiny_model_path
+from train_paw import ModelMissing, hardware_dtype, load_model, planned_shape
 
 SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
 
@@ -136,8 +135,7 @@ def card_gib(args):
 
 def fitted_batch_size(args):
     """The games played at once: on a GPU, the most whose estimated peak stays under the card (plan.py), else 16."""
-    ours = args.model_name_or_path in (TINY_NAME, AGENT_NAME)  # small enough for any card
-    shape = model_shape(args.model_name_or_path) if card_gib(args) and args.policy == "model" and not ours else None
+    shape = planned_shape(args.model_name_or_path, card_gib(args)) if args.policy == "model" else None
     if shape is None:
         return 16
     episode_tokens = PROMPT_TOKENS + args.max_completion_length + args.max_action_tokens

@@ -144,6 +144,7 @@ def fit_eval_batch(shape, quantization, episode_tokens, reuse_cache, budget_gib)
     """eval.py: the most episodes that decode together under `budget_gib`, by the estimate (weights + the rollout
     phase; there is no training state). None if not even one fits."""
     for batch in EVAL_BATCHES:
+        # estimate() wants LoRA with NF4 (it sizes training); an adapter's rank changes neither term used here
         e = estimate(shape, quantization=quantization, lora_r=16 if quantization == "nf4" else None,
                      rollout_episodes=batch, episode_tokens=episode_tokens, reuse_cache=reuse_cache)
         if (e["weights"] + e["cuda_overhead"] + e["rollout"]) / GIB <= budget_gib:

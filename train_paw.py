@@ -524,6 +524,11 @@ def last_complete_checkpoint(output_dir, needs=()):
     return None
 
 
+def planned_shape(model_name, card_gib):
+    """The model's shape for the memory plan; None with no GPU, and for our own small models, which fit any card."""
+    return model_shape(model_name) if card_gib and model_name not in (TINY_NAME, AGENT_NAME) else None
+
+
 def print_plan(paw, args, model_args, card_gib, shape, planned, cpu_agent):
     """The plan, before anything loads; a warning where the user's own flags do not fit the card by the estimate."""
     if cpu_agent:
@@ -573,7 +578,7 @@ def parse_args(argv=None):
         if training_args.max_completion_length < paw.max_action_tokens:
             raise ValueError("--max_completion_length (the whole episode) must be >= --max_action_tokens (one reply)")
         # TRY NOT TO MODIFY: the plan fitted to the GPU (plan.py). Our own small models need none.
-        shape = model_shape(model_args.model_name_or_path) if card_gib and not run_flags else None
+        shape = planned_shape(model_args.model_name_or_path, card_gib)
         planned = fit_run(shape, paw, training_args, model_args, HEADROOM * card_gib, given) if shape else None
         if planned:
             parser.set_defaults(**planned)
@@ -598,8 +603,7 @@ def parse_args(argv=None):
 
 def out_of_memory_message(paw, args, model_args, steps_done):
     card_gib = paw.gpu_memory_gib or gpu_memory_gib()
-    ours = model_args.model_name_or_path in (TINY_NAME, AGENT_NAME)
-    shape = model_shape(model_args.model_name_or_path) if card_gib and not ours else None
+    shape = planned_shape(model_args.model_name_or_path, card_gib)
     retry = after_out_of_memory(shape, paw, args, model_args, card_gib)
     last = last_complete_checkpoint(args.output_dir)
     return "\n".join([
