@@ -112,7 +112,8 @@ class EnvWorkers:
         return RemoteEnv(self, worker, self._count, game, *self.answer(worker))
 
     def answer(self, worker):
-        """The worker's next answer; raises the environment's error, or if it does not answer in time, replaces it."""
+        """The worker's next answer; raises the environment's error. A worker that died or does not answer in time is
+        replaced."""
         if worker.replaced:
             raise RuntimeError("the environment's worker was replaced after an environment on it stopped answering")
         if not worker.conn.poll(self._timeout):
@@ -120,8 +121,9 @@ class EnvWorkers:
             raise TimeoutError(f"the environment did not answer in {self._timeout:g} s; its worker was replaced")
         try:
             result = worker.conn.recv()
-        except EOFError:
-            raise RuntimeError("the environment worker process died") from None
+        except EOFError:  # the worker crashed (e.g. the engine segfaulted): the next environments get a new one
+            self._replace(worker)
+            raise RuntimeError("the environment worker process died; it was replaced") from None
         if isinstance(result, Exception):
             raise result
         return result

@@ -1,5 +1,6 @@
 """A deterministic test environment and scripted policies, so that rollouts are identical from run to run."""
 
+import os
 import time
 
 from envs import Step, parse_action
@@ -54,6 +55,13 @@ class HangingEnv(ScriptedEnv):
         if self.turn + 1 == self.hang_at:
             time.sleep(10**6)
         return super().step(reply)
+
+
+class CrashingEnv(ScriptedEnv):
+    """A ScriptedEnv whose process dies at the first step, like an engine that segfaults."""
+
+    def step(self, reply):
+        os._exit(1)
 
 
 # Replies per episode (by serial number), turn by turn: wins at turn 2 or 3, loses, or never makes sense.

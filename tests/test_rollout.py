@@ -196,6 +196,20 @@ def test_an_environment_that_never_answers_ends_its_episode_after_the_timeout_an
     assert not multiprocessing.active_children()
 
 
+def test_a_worker_that_dies_ends_its_episode_and_is_replaced(chat, monkeypatch):
+    import envs
+
+    monkeypatch.setitem(envs.ENVIRONMENTS, "crashing", "scripted:CrashingEnv")  # before the fork: workers see it
+    monkeypatch.setitem(envs.ENVIRONMENTS, "scripted", "scripted:ScriptedEnv")
+    workers = EnvWorkers(1, timeout=60)
+    winning = text_policy(chat, lambda e: SCRIPTS[0][min(len(e.turns), 1)])
+    (crashed,) = play([workers.make("crashing", "room0")], winning, chat, max_steps=3)
+    assert crashed.error == "step 0: RuntimeError: the environment worker process died; it was replaced"
+    (fresh,) = play([workers.make("scripted", "room1")], winning, chat, max_steps=3)
+    assert fresh.error is None and fresh.won
+    workers.close()
+
+
 def test_long_observations_are_cut_and_the_cut_text_is_the_wm_target(chat):
     (episode,) = play([ScriptedEnv("a very long room name " * 20, serial=1)], scripted_policy(chat), chat,
                       max_steps=2, max_observation_tokens=5)
