@@ -197,6 +197,9 @@ def model_flags():
         lora_dropout=0.0, load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
         bf16=dtype == "bfloat16", fp16=dtype == "float16", dtype=dtype, report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
+        # With no GPU, say so: under torchrun, transformers then joins the processes over gloo; without it, each
+        # process would train alone.
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
