@@ -233,18 +233,24 @@ def model_play(chat, model, reuse_cache, greedy, seed=0):
     return policy, play(envs, policy, chat, max_steps=4)
 
 
+def assert_logprobs_match_a_fresh_forward(model, episodes):
+    """Each recorded sampling log-prob equals the model's log-prob of that token in one fresh forward pass over the
+    whole episode (0 on environment tokens)."""
+    for e in episodes:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([e.context_ids])).logits[0], dim=-1)
+        start = len(e.prompt_ids)
+        for j, (t, recorded) in enumerate(zip(e.action_index, e.logprobs, strict=True)):
+            expected = logp[start + j - 1, e.completion_ids[j]].item() if t >= 0 else 0.0
+            assert recorded == pytest.approx(expected, abs=1e-4)
+
+
 def test_logprobs_recorded_while_reusing_the_cache_match_a_fresh_forward(chat, tiny_model):
     policy, episodes = model_play(chat, tiny_model, reuse_cache=True, greedy=False)
     final = sum(len(e.context_ids) for e in episodes)
     assert policy.prefilled < 1.2 * final  # the history was not read again each turn
     assert sorted(len(e.turns) for e in episodes) == [2, 2, 4, 4, 4, 4]
-    for e in episodes:
-        with torch.no_grad():
-            logp = torch.log_softmax(tiny_model(input_ids=torch.tensor([e.context_ids])).logits[0], dim=-1)
-        start = len(e.prompt_ids)
-        for j, (t, recorded) in enumerate(zip(e.action_index, e.logprobs, strict=True)):
-            expected = logp[start + j - 1, e.completion_ids[j]].item() if t >= 0 else 0.0
-            assert recorded == pytest.approx(expected, abs=1e-4)
+    assert_logprobs_match_a_fresh_forward(tiny_model, episodes)
 
 
 def test_greedy_replies_are_identical_with_and_without_cache_reuse(chat, tiny_model):

@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from scripted import ACTIONS, ScriptedEnv, scripted_policy
+from test_rollout import assert_logprobs_match_a_fresh_forward
 from test_sft import expert_replies
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -109,13 +110,7 @@ def test_logprobs_recorded_while_reusing_the_cache_match_a_fresh_forward(smol_mo
     episodes = play(envs, policy, smol_chat, max_steps=3)
     assert [len(e.turns) for e in episodes] == [3, 2, 3]
     assert policy.prefilled < 1.2 * sum(len(e.context_ids) for e in episodes)  # the history was not read again
-    for e in episodes:
-        with torch.no_grad():
-            logp = torch.log_softmax(smol_model(input_ids=torch.tensor([e.context_ids])).logits[0], dim=-1)
-        start = len(e.prompt_ids)
-        for j, (t, recorded) in enumerate(zip(e.action_index, e.logprobs, strict=True)):
-            expected = logp[start + j - 1, e.completion_ids[j]].item() if t >= 0 else 0.0
-            assert recorded == pytest.approx(expected, abs=1e-4)
+    assert_logprobs_match_a_fresh_forward(smol_model, episodes)
 
 
 def rl_step(path, tmp_path, monkeypatch, setup_flags):
