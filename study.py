@@ -50,7 +50,7 @@ MODES = {
     "rloo": ["--wm", "off", "--advantage", "rloo"],
 }
 DEFAULTS = dict(modes=["off", "echo", "paw"], seeds=[0, 1, 2], steps=20, eval_every=10, eval_games=120)
-QUICK = dict(modes=["off", "paw"], seeds=[0], steps=12, eval_every=6, eval_games=60)
+QUICK = dict(modes=["off", "paw"], seeds=[0], steps=8, eval_every=4, eval_games=40)
 
 
 def parse_args(argv=None):
