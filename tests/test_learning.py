@@ -1,6 +1,6 @@
 """Does RL learn? From the warm-started CPU agent, plain GRPO (train_paw.py's defaults for it) on two generated
-training games raises the success of the episodes it samples, step after step. A flipped advantage sign, a loss on
-the wrong tokens or an update that never reaches the weights leaves it flat or makes it fall.
+training games raises the success of the episodes it samples, step after step. With the advantage's sign flipped
+the same run stays flat, and this test fails.
 
 This is success on the games it trains on, not on held-out games: from this agent no RL setting we tried has yet
 raised held-out success by a clear margin (README, "The study")."""
