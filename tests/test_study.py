@@ -1,6 +1,6 @@
-"""From the warm-started CPU agent: it plays between the random floor and the expert, the WM term lowers the held-out
-next-observation NLL below plain GRPO, and study.py writes its curves, table and figure. One quick study serves
-every test."""
+"""From the warm-started CPU agent: it plays between the random floor and the expert, GRPO lowers the held-out
+invalid-action rate, the WM term lowers the held-out next-observation NLL below plain GRPO, and study.py writes its
+curves, table and figure. One quick study serves every test."""
 
 import json
 
@@ -21,6 +21,16 @@ def quick(tmp_path_factory):
 def test_the_warm_start_plays_well_above_the_random_floor_and_below_the_expert(quick):
     _, result = quick
     assert RANDOM_FLOOR + 0.1 <= result["warm_start"]["success"] <= 0.7  # the expert wins all (100%)
+
+
+def test_grpo_lowers_the_held_out_invalid_action_rate_without_losing_games(quick):
+    """Held out, RL's clearest effect on this agent: it stops writing actions the game rejects. Measured 30.4% ->
+    22.5% of actions in 8 steps (success 17.5% -> 22.5%, 40 games); with the advantage's sign flipped (a throwaway
+    patch), 30.4% -> 40.4%, and this test fails."""
+    _, result = quick
+    grpo = result["runs"]["off"]["0"]
+    assert grpo["invalid_action_rate"][-1] <= grpo["invalid_action_rate"][0] - 0.04, grpo
+    assert grpo["success"][-1] >= grpo["success"][0], grpo
 
 
 def test_the_wm_term_lowers_the_held_out_next_observation_nll_below_grpo(quick):
