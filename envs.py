@@ -5,6 +5,8 @@ parses it itself, so the episode loop (rollout.py) and the trainer know nothing 
 An environment is made from a game id (a string), which is also what a training dataset row holds.
 """
 
+import copy
+import functools
 import importlib
 import inspect
 import os
@@ -169,6 +171,23 @@ def _reuse_downward_libraries():
     fast_downward.load_lib = load_lib
 
 
+def _parse_templates_once():
+    """TextWorld parses its text-grammar templates (tatsu) again at every step and every game load: half the time of
+    a step. A template's parse never changes, so each is parsed once per process (bounded: a game adds its task
+    sentence), and every caller gets its own copy, since TextWorld sets the parsed symbols' context in place."""
+    from textworld.envs.pddl import textgen
+
+    if getattr(textgen._parse_and_convert, "parses_once", False):
+        return
+    parse = functools.lru_cache(maxsize=4096)(textgen._parse_and_convert)
+
+    def parse_once(text, **options):
+        return copy.deepcopy(parse(text, **options))
+
+    parse_once.parses_once, parse_once.__wrapped__ = True, parse.__wrapped__
+    textgen._parse_and_convert = parse_once
+
+
 class AlfWorldEnv:
     """One ALFWorld game on the real text engine (TextWorld's PDDL backend with ALFWorld's wrappers).
 
@@ -195,6 +214,7 @@ class AlfWorldEnv:
         infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["walkthrough"])
         self.close()
         _reuse_downward_libraries()
+        _parse_templates_once()
         self._engine = textworld.start(self.game, request_infos=infos, wrappers=[AlfredDemangler(), AlfredInfos])
         state = self._engine.reset()
         self.walkthrough = [f"<action>{action}</action>" for action in state.get("extra.walkthrough") or []]

@@ -163,6 +163,26 @@ def test_game_after_game_one_process_keeps_one_copy_of_the_planner_library_on_di
     assert mapped_copies() == before  # without reuse: one more copy per game
 
 
+def test_templates_parsed_once_play_every_game_exactly_as_parsing_them_at_every_step(chat, small_games, unseen_games,
+                                                                                    monkeypatch):
+    """envs.py parses TextWorld's text templates once per process (half of a step's time): the same random episodes,
+    observation for observation and admissible list for list, as TextWorld's own parse at every step."""
+    import envs
+    from textworld.envs.pddl import textgen
+
+    games = small_games + random.Random(0).sample(unseen_games, 3)
+
+    def played():
+        episodes = play([make_env("alfworld", game) for game in games], random_policy(chat, seed=0), chat, max_steps=8)
+        return [[(t["observation"], t["valid"]) for t in e.turns] + [e.last.admissible, e.won] for e in episodes]
+
+    cached = played()
+    assert textgen._parse_and_convert.parses_once
+    monkeypatch.setattr(textgen, "_parse_and_convert", textgen._parse_and_convert.__wrapped__)
+    monkeypatch.setattr(envs, "_parse_templates_once", lambda: None)
+    assert played() == cached
+
+
 def test_a_failing_remote_environment_ends_only_its_episode(chat, small_games):
     workers = EnvWorkers(2)
     envs = [workers.make("alfworld", small_games[0]), workers.make("alfworld", "/no/such/game.tw-pddl")]
