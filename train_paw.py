@@ -668,6 +668,9 @@ def main(argv=None, callbacks=()):
         sys.exit(1)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the run's log, which curves.py plots
+    # Under torchrun: destroy the process group together; left to exit, gloo's threads may abort a process (SIGABRT)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer
 
 

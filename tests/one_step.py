@@ -52,6 +52,9 @@ def main(model_dir, out, wm, advantage):
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save(trainer.model.state_dict(), Path(out) / "weights.pt")
+    # destroy the process group together: left to exit, gloo's threads may abort a process (SIGABRT)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
