@@ -44,8 +44,9 @@ def adaptive_lambda(group_mean_return, r_max=1.0):
 def wm_objective(transition_loss, selected, weight, num_selected):
     """sum over selected transitions t of ( weight_t * L_WM(t) ) / num_selected: the mean over selected transitions.
 
-    num_selected counts the selected transitions of the whole batch, so that when TRL splits the batch into
-    micro-batches their terms add up to one mean in which every selected transition weighs the same.
+    num_selected counts the selected transitions of the whole batch (which the micro-batches' selections add up to:
+    wm_select.selection_quotas), so that when TRL splits the batch into micro-batches their terms add up to one mean
+    in which every selected transition weighs the same.
     """
     terms = torch.where(selected, weight * transition_loss, torch.zeros_like(transition_loss))
     return terms.sum() / num_selected

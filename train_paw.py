@@ -40,7 +40,7 @@ from plan import (HEADROOM, after_out_of_memory, as_flags, describe, fit_run, fl
                   run_peak)
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import TINY_NAME, tiny_model_path
-from wm_select import action_entropy, num_selected, per_transition_mean, select_top_alpha
+from wm_select import action_entropy, per_transition_mean, select_top, selection_quotas
 
 
 @dataclass
@@ -247,17 +247,21 @@ class PaWTrainer(GRPOTrainer):
         for key in ("action_index", "obs_index"):
             index = torch.tensor([row[key] + [-1] * (width - len(row[key])) for row in inputs], device=device)
             output[key] = index.where(live, -1)
-        # The WM mean's denominator: how many transitions top-alpha selects in the whole generation batch, over all
-        # processes. A 0-dim tensor reaches every micro-batch whole, like TRL's own num_items_in_batch.
+        rank = self.accelerator.process_index
+        local = slice(rank * len(inputs), (rank + 1) * len(inputs))  # this process's rows of the gathered batch
+        # Top-alpha selection runs per micro-batch (compute_loss), after TRL shuffles and splits the batch: each
+        # episode's quota (B,) goes with it, and a micro-batch keeps as many transitions as its quotas add up to. The
+        # quotas of all processes' episodes add up to the WM mean's denominator, which a 0-dim tensor carries to every
+        # micro-batch whole, like TRL's own num_items_in_batch.
         obs_index = output["obs_index"]
         num_targets = per_transition_mean(live.float(), obs_index, int(obs_index.max().clamp(min=0)) + 1)[1]
-        eligible = self.accelerator.gather((num_targets > 0).sum()).sum()  # as compute_loss counts them
-        output["wm_num_selected"] = torch.tensor(float(num_selected(int(eligible), self.paw.wm_alpha)), device=device)
+        eligible = self.accelerator.gather((num_targets > 0).sum(dim=1))  # per episode, as compute_loss counts them
+        quotas = selection_quotas(eligible.tolist(), self.paw.wm_alpha)
+        output["wm_quota"] = torch.tensor(quotas[local], device=device)
+        output["wm_num_selected"] = torch.tensor(float(sum(quotas)), device=device)
         group = self.num_generations if self.model.training else self.num_generations_eval
         returns = self.accelerator.gather(torch.tensor([row["task_return"] for row in inputs], device=device))
-        group_return = returns.view(-1, group).mean(dim=1).repeat_interleave(group)
-        rank = self.accelerator.process_index
-        output["group_return"] = group_return[rank * len(inputs):(rank + 1) * len(inputs)]
+        output["group_return"] = returns.view(-1, group).mean(dim=1).repeat_interleave(group)[local]
         if self.paw.advantage != "grpo":  # (B,) or (B, L): TRL's loss takes either as it is
             output["advantages"] = self._advantages(inputs, group, output["action_index"])
         self._log_episodes(inputs)
@@ -307,7 +311,8 @@ class PaWTrainer(GRPOTrainer):
         entropy = action_entropy(token_entropy, action_index, num_transitions)  # (B, T), no gradient
         token_loss = TOKEN_LOSSES[paw.wm_loss](logps, paw.cmae_rho)  # (B, L)
         transition_loss, num_targets = transition_wm_loss(token_loss, obs_index, num_transitions)  # (B, T)
-        selected = select_top_alpha(entropy, num_targets > 0, paw.wm_alpha)  # top-alpha by action entropy
+        # top-alpha by action entropy: this micro-batch's share of the batch's ceil(alpha * eligible) transitions
+        selected = select_top(entropy, num_targets > 0, int(inputs["wm_quota"].sum()))
         if paw.wm_weighting == "adaptive":
             weight = adaptive_lambda(inputs["group_return"])  # lambda_g = clip(1 - R_g / R_max, 0, 1)
         else:

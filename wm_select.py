@@ -36,14 +36,27 @@ def num_selected(num_eligible, alpha):
     return math.ceil(alpha * num_eligible)
 
 
-def select_top_alpha(scores, eligible, alpha):
-    """Boolean mask of the ceil(alpha * n) highest-scoring of the n eligible entries of `scores` (any shape).
+def selection_quotas(num_eligible, alpha):
+    """Per episode, in batch order: how many transitions top-alpha selection keeps on its account.
 
-    Ties are broken by position (the earlier entry wins), so exactly ceil(alpha * n) entries are selected;
-    alpha = 1 selects every eligible entry.
+    Episode r's quota is ceil(alpha * S_r) - ceil(alpha * S_{r-1}), S_r the eligible transitions of episodes 0..r:
+    alpha * n_r rounded down or up, the roundings carried over so that the quotas of all episodes add up to exactly
+    ceil(alpha * all eligible). However the batch is split into micro-batches afterwards, the micro-batches then
+    select that many transitions together, the number the WM mean divides by.
+    """
+    quotas, total = [], 0
+    for n in num_eligible:
+        quotas.append(num_selected(total + n, alpha) - num_selected(total, alpha))
+        total += n
+    return quotas
+
+
+def select_top(scores, eligible, k):
+    """Boolean mask of the k highest-scoring eligible entries of `scores` (any shape), k <= eligible entries.
+
+    Ties are broken by position (the earlier entry wins), so exactly k entries are selected.
     """
     flat_scores, flat_eligible = scores.flatten(), eligible.flatten()
-    k = num_selected(int(flat_eligible.sum()), alpha)
     ranked = torch.where(flat_eligible, flat_scores, -math.inf)
     order = torch.sort(ranked, descending=True, stable=True).indices[:k]
     selected = torch.zeros_like(flat_eligible)

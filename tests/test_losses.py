@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from losses import adaptive_lambda, ce_token_loss, cmae_token_loss, transition_wm_loss, wm_objective
-from wm_select import action_entropy, select_top_alpha
+from wm_select import action_entropy, select_top, selection_quotas
 
 
 def test_cmae_token_loss_values_and_clipping():
@@ -64,31 +64,43 @@ def test_action_entropy_is_the_mean_over_each_actions_tokens():
             assert got[b, t].item() == pytest.approx(sum(tokens) / len(tokens) if tokens else 0.0, abs=1e-6)
 
 
-def test_top_alpha_selects_ceil_alpha_n_of_the_eligible():
+def test_select_top_keeps_the_k_highest_scoring_eligible_entries():
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.3, 0.8]])
     eligible = torch.tensor([[True, True, False], [True, True, True]])  # 0.5 is not eligible
-    chosen = select_top_alpha(scores, eligible, alpha=0.5)  # ceil(0.5 * 5) = 3: 0.9, 0.8, 0.7
-    assert chosen.tolist() == [[False, True, False], [True, False, True]]
-    assert select_top_alpha(scores, eligible, alpha=1.0).tolist() == eligible.tolist()
+    assert select_top(scores, eligible, 3).tolist() == [[False, True, False], [True, False, True]]  # 0.9, 0.8, 0.7
+    assert select_top(scores, eligible, 5).tolist() == eligible.tolist()
 
 
-def test_top_alpha_breaks_ties_by_position():
+def test_select_top_breaks_ties_by_position():
     scores = torch.tensor([0.5, 0.2, 0.5, 0.5, 0.1])
-    chosen = select_top_alpha(scores, torch.ones(5, dtype=torch.bool), alpha=0.4)  # k = 2 among three ties
+    chosen = select_top(scores, torch.ones(5, dtype=torch.bool), 2)  # two among three ties
     assert chosen.tolist() == [True, False, True, False, False]
 
 
-def test_top_alpha_against_a_sort_of_random_batches():
+def test_select_top_against_a_sort_of_random_batches():
     rng = random.Random(0)
     for _ in range(50):
         n = rng.randint(1, 30)
         values = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(n)]
         eligible = [rng.random() < 0.7 for _ in range(n)]
-        alpha = rng.choice([0.1, 0.3, 0.5, 1.0])
-        got = select_top_alpha(torch.tensor(values), torch.tensor(eligible), alpha).tolist()
         candidates = sorted((-v, i) for i, (v, ok) in enumerate(zip(values, eligible)) if ok)
-        keep = {i for _, i in candidates[: math.ceil(alpha * len(candidates))]}
+        k = rng.randint(0, len(candidates))
+        got = select_top(torch.tensor(values), torch.tensor(eligible), k).tolist()
+        keep = {i for _, i in candidates[:k]}
         assert got == [i in keep for i in range(n)]
+
+
+def test_selection_quotas_round_each_episodes_share_and_add_up_to_ceil_alpha_n():
+    # The example: micro-batches of 3, 3, 2 and 2 eligible transitions at alpha 0.5 each rounding up would
+    # select 2 + 2 + 1 + 1 = 6, where ceil(0.5 * 10) = 5.
+    assert selection_quotas([3, 3, 2, 2], 0.5) == [2, 1, 1, 1]
+    rng = random.Random(0)
+    for _ in range(200):
+        counts = [rng.randint(0, 9) for _ in range(rng.randint(1, 12))]
+        alpha = rng.choice([0.1, 0.25, 0.3, 0.5, 0.7, 1.0])
+        quotas = selection_quotas(counts, alpha)
+        assert sum(quotas) == math.ceil(alpha * sum(counts))
+        assert all(math.floor(alpha * n) <= q <= math.ceil(alpha * n) for q, n in zip(quotas, counts))
 
 
 def test_wm_objective_is_the_weighted_mean_over_selected_transitions():

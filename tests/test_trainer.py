@@ -12,6 +12,7 @@ from test_advantages import reference_gigpo
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
+import train_paw
 from losses import TOKEN_LOSSES
 from rollout import play
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward
@@ -80,10 +81,12 @@ def test_wm_off_is_bit_identical_to_plain_grpo(tiny_path, chat, tmp_path):
     assert "wm/loss" not in off.state.log_history[0]
 
 
-def reference_wm_loss(model, episodes, paw, skip=None):
-    """beta * L_WM written out with plain loops over episodes, transitions and tokens (PAW_SPEC §1, §2); the
-    episode numbered `skip` has no WM targets (but still counts in its group's return)."""
-    rows = []  # (action entropy, WM loss, lambda) per transition that has observation tokens
+def reference_transitions(model, episodes, paw, skip=None):
+    """Every transition that has observation tokens, written out with plain loops over episodes, transitions and
+    tokens (PAW_SPEC §1, §2): its (episode, step), action entropy, L_WM(t), its group's lambda, and how many of its
+    target tokens the model predicts with p > rho. The episode numbered `skip` has no WM targets (but still counts in
+    its group's return)."""
+    rows = []
     for b, e in enumerate(episodes):
         if b == skip:
             continue
@@ -100,9 +103,25 @@ def reference_wm_loss(model, episodes, paw, skip=None):
             target = [j for j, i in enumerate(e.obs_index) if i == t]
             if target:
                 losses = [TOKEN_LOSSES[paw.wm_loss](token_logp[j], paw.cmae_rho) for j in target]
-                rows.append((entropy[action].mean().item(), sum(losses) / len(target), lam))
-    keep = sorted(range(len(rows)), key=lambda r: -rows[r][0])[: math.ceil(paw.wm_alpha * len(rows))]
-    return paw.wm_beta * sum(rows[r][2] * rows[r][1] for r in keep) / len(keep)
+                rows.append({"key": (b, t), "entropy": entropy[action].mean().item(), "loss": sum(losses) / len(target),
+                             "lambda": lam, "clipped": sum(token_logp[j].exp().item() > paw.cmae_rho for j in target),
+                             "tokens": len(target)})
+    return rows
+
+
+def top_alpha(rows, alpha):
+    """The keys of the ceil(alpha * n) transitions of highest action entropy."""
+    ranked = sorted(rows, key=lambda row: -row["entropy"])
+    return {row["key"] for row in ranked[: math.ceil(alpha * len(rows))]}
+
+
+def reference_wm_loss(model, episodes, paw, skip=None, selected=None):
+    """beta * the mean of lambda * L_WM(t) over the selected transitions: those given by key, or by default the top
+    alpha of the whole batch by action entropy."""
+    rows = reference_transitions(model, episodes, paw, skip)
+    selected = top_alpha(rows, paw.wm_alpha) if selected is None else selected
+    kept = [row for row in rows if row["key"] in selected]
+    return paw.wm_beta * sum(row["lambda"] * row["loss"] for row in kept) / len(kept)
 
 
 @pytest.mark.parametrize("mode,extra,peft", [
@@ -119,14 +138,63 @@ def test_wm_update_is_minus_lr_times_the_wm_gradient(tiny_path, chat, tmp_path, 
     assert trainer.state.log_history[0]["wm/loss"] == pytest.approx(reference / paw.wm_beta, rel=1e-4)
 
 
-def test_micro_batches_add_up_to_the_mean_over_the_whole_batch(tiny_path, chat, tmp_path):
-    # Episodes of two and three transitions, split into micro-batches of 2: a mean per micro-batch would weigh
-    # their transitions unequally. With alpha = 1 the mean over the batch does not depend on TRL's shuffle.
-    paw = PaWArguments(wm="paw", wm_alpha=1.0)
+def spy_on_selection(monkeypatch):
+    """Per micro-batch the trainer trains on: its rows' (prompt, completion) token lists and the (B, T) mask of the
+    transitions its top-alpha selection kept."""
+    micro_batches = []
+    real_compute_loss, real_select_top = PaWTrainer.compute_loss, train_paw.select_top
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        rows = [(p[pm.bool()].tolist(), c[cm.bool()].tolist()) for p, pm, c, cm in
+                zip(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"])]
+        micro_batches.append({"rows": rows})
+        return real_compute_loss(self, model, inputs, *args, **kwargs)
+
+    def select_top(scores, eligible, k):
+        micro_batches[-1]["selected"] = real_select_top(scores, eligible, k)
+        return micro_batches[-1]["selected"]
+
+    monkeypatch.setattr(PaWTrainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(train_paw, "select_top", select_top)
+    return micro_batches
+
+
+def test_top_alpha_over_micro_batches_gives_the_mean_over_the_transitions_they_select(tiny_path, chat, tmp_path,
+                                                                                       monkeypatch):
+    # alpha = 0.5, 4 micro-batches of 2 episodes of 2 or 3 transitions: TRL's shuffle (seed 0) puts 5 (odd) in two of
+    # them, so a ceil(alpha * n) per micro-batch would keep one more than ceil(alpha * all), the mean's denominator.
+    paw, serials = PaWArguments(wm="paw", wm_alpha=0.5), [0, 1, 0, 3, 3, 2, 3, 2]
     config = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4)
-    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"), **config)
-    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / "paw", paw, **config)
-    assert compare_with_reference(before, off_update, wm_update, trainer, paw)[0] < 1e-3
+    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"), serials=serials,
+                                       **config)
+    micro_batches = spy_on_selection(monkeypatch)
+    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / "paw", paw, serials=serials, **config)
+    episodes = trainer.rollout_func.episodes
+    unmatched, batches = list(range(len(episodes))), []  # per micro-batch: its episodes, the transitions it kept
+    for micro_batch in micro_batches:
+        rows = [next(b for b in unmatched if (episodes[b].prompt_ids, episodes[b].completion_ids) == row)
+                for row in micro_batch["rows"]]
+        unmatched = [b for b in unmatched if b not in rows]
+        batches.append((rows, {(rows[i], t) for i, t in micro_batch["selected"].nonzero().tolist()}))
+    assert len(batches) == 4 and not unmatched
+    selected = set().union(*(kept for _, kept in batches))
+
+    error, _ = gradient_error(before, {n: wm_update[n] - off_update[n] for n in before}, trainer,
+                              lambda model: reference_wm_loss(model, episodes, paw, selected=selected))
+    assert error < 1e-3  # the WM term is the mean over the transitions the micro-batches kept...
+    restore(trainer.model, before)
+    reference = {row["key"]: row for row in reference_transitions(trainer.model, episodes, paw)}
+    eligible = [[key for key in reference if key[0] in rows] for rows, _ in batches]
+    assert len(selected) == math.ceil(0.5 * len(reference))  # ...ceil(alpha * all eligible) of them...
+    assert sum(math.ceil(0.5 * len(keys)) for keys in eligible) > len(selected)  # not a ceil per micro-batch
+    quotas, total = [], 0  # ...each micro-batch its episodes' quotas, a running rounding in rollout order (README)
+    for b in range(len(episodes)):
+        total += sum(key[0] == b for key in reference)
+        quotas.append(math.ceil(0.5 * total) - sum(quotas))
+    for (rows, kept), keys in zip(batches, eligible):
+        assert len(kept) == sum(quotas[b] for b in rows)
+        assert min(reference[k]["entropy"] for k in kept) >= max(
+            reference[k]["entropy"] for k in keys if k not in kept) - 1e-5  # its highest action entropies
 
 
 def test_a_completion_trl_masks_as_truncated_gives_no_wm_targets(tiny_path, chat, tmp_path):
@@ -162,14 +230,19 @@ def compare_with_reference(before, off_update, wm_update, trainer, paw, skip=Non
                           lambda model: reference_wm_loss(model, trainer.rollout_func.episodes, paw, skip))
 
 
-def gradient_error(before, update, trainer, reference_loss):
-    """|| update - (-lr * grad reference_loss) || / || lr * grad ||, the gradient taken on the initial weights; and
-    the reference loss."""
-    model = trainer.model
+def restore(model, before):
+    """Puts back the initial weights of the trainable parameters."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in before:
                 param.copy_(before[name])
+
+
+def gradient_error(before, update, trainer, reference_loss):
+    """|| update - (-lr * grad reference_loss) || / || lr * grad ||, the gradient taken on the initial weights; and
+    the reference loss."""
+    model = trainer.model
+    restore(model, before)
     model.zero_grad()
     reference = reference_loss(model)
     reference.backward()
