@@ -138,6 +138,21 @@ def test_wm_update_is_minus_lr_times_the_wm_gradient(tiny_path, chat, tmp_path, 
     assert trainer.state.log_history[0]["wm/loss"] == pytest.approx(reference / paw.wm_beta, rel=1e-4)
 
 
+def test_cmae_clips_the_observation_tokens_predicted_above_rho(tiny_path, chat, tmp_path):
+    # The random tiny model predicts each observation token with p of 0.0013 to 0.0024 (about 1/669): rho = 0.002
+    # clips part of them, where the default 0.9 would clip none.
+    paw = PaWArguments(wm="paw", cmae_rho=0.002)
+    before, off_update, _ = train_once(tiny_path, chat, tmp_path / "off", PaWArguments(wm="off"))
+    _, wm_update, trainer = train_once(tiny_path, chat, tmp_path / "paw", paw)
+    assert compare_with_reference(before, off_update, wm_update, trainer, paw)[0] < 1e-3
+    restore(trainer.model, before)
+    rows = reference_transitions(trainer.model, trainer.rollout_func.episodes, paw)
+    kept = [row for row in rows if row["key"] in top_alpha(rows, paw.wm_alpha)]
+    clipped = sum(row["clipped"] for row in kept) / sum(row["tokens"] for row in kept)
+    assert 0.1 < clipped < 0.9
+    assert trainer.state.log_history[0]["wm/clipped_frac"] == pytest.approx(clipped, rel=1e-6)
+
+
 def spy_on_selection(monkeypatch):
     """Per micro-batch the trainer trains on: its rows' (prompt, completion) token lists and the (B, T) mask of the
     transitions its top-alpha selection kept."""
