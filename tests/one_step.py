@@ -1,7 +1,11 @@
 """One PaW optimizer step on scripted rollouts, on however many processes launched this script (torchrun), with the
 updated weights saved by process 0. tests/test_multiprocess.py runs it on 1 and on 2 processes and compares.
 
-    torchrun --nproc_per_node 2 tests/one_step.py TINY_MODEL_DIR OUT_DIR paw gigpo   # --wm, --advantage
+    torchrun --nproc_per_node 2 tests/one_step.py TINY_MODEL_DIR OUT_DIR paw gigpo 4   # --wm, --advantage, micro-batch
+
+The step trains on one game's GRPO group of 8 episodes. With micro-batches of 4 (the default) each of 2 processes
+holds half of the group, and 1 process runs the same two halves as 2 micro-batches (gradient accumulation); with a
+micro-batch of 8, 1 process trains on the whole group at once.
 """
 
 import os
@@ -11,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import trl.trainer.grpo_trainer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from scripted import ScriptedEnv, scripted_policy  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -19,34 +24,41 @@ from trl import GRPOConfig  # noqa: E402
 from rollout import ChatFormat, play  # noqa: E402
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward  # noqa: E402
 
-EPISODES = 8  # per step, over all processes: 2 games x 4
-# Each game's episodes play these scripts, by their order within the game's group: the same episodes wherever the
-# group is played. room-a wins half, room-b none.
-SCRIPTS = {"room-a": [0, 1, 2, 3], "room-b": [3, 2, 3, 2]}
+GROUP = 8  # episodes per step: one game's group
+# The scripts the group's episodes play, by their position in the group, on any number of processes. The first half
+# wins one of four, the second two: lambda_g, RLOO's baseline and GiGPO's anchor groups of the whole group differ
+# from those of either half. Top-alpha: the halves have 15 and 13 transitions, so quotas counted per process would
+# keep 8 + 7 where the mean divides by ceil(28 / 2) = 14; and script 3's actions have the highest entropies under
+# the tiny model, so the whole group's top half by entropy would take more from the first half than its quota.
+SCRIPTS = [3, 3, 3, 1, 0, 1, 2, 3]
+
+# TRL shuffles a process's rows before it cuts them into micro-batches; kept in order, 1 process's two micro-batches
+# are the two processes' halves of the group (on 2 processes, each micro-batch is a process's whole share).
+trl.trainer.grpo_trainer.shuffle_sequence_dict = lambda batch: batch
 
 
-def main(model_dir, out, wm, advantage):
+def main(model_dir, out, wm, advantage, micro_batch="4"):
     chat = ChatFormat(AutoTokenizer.from_pretrained(model_dir, padding_side="left"))
 
     def rollout_func(prompts, trainer):
-        envs, played = [], dict.fromkeys(SCRIPTS, 0)
-        for game in prompts:
-            # GiGPO: unnumbered observations repeat across episodes, so that states are shared (anchor groups)
-            envs.append(ScriptedEnv(game, SCRIPTS[game][played[game]], numbered=advantage != "gigpo"))
-            played[game] += 1
+        first = trainer.accelerator.process_index * len(prompts)  # this process's first position in the group
+        # GiGPO: unnumbered observations repeat across episodes, so that states are shared (anchor groups)
+        envs = [ScriptedEnv(game, SCRIPTS[(first + i) % GROUP], numbered=advantage != "gigpo")
+                for i, game in enumerate(prompts)]
         return episode_fields(play(envs, scripted_policy(chat), chat, max_steps=4))
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world, micro_batch = int(os.environ.get("WORLD_SIZE", 1)), int(micro_batch)
     args = GRPOConfig(
         output_dir=out, use_cpu=True, bf16=False, report_to="none", save_strategy="no", max_steps=1, logging_steps=1,
-        num_generations=4, per_device_train_batch_size=EPISODES // world, max_completion_length=1024, optim="sgd",
+        num_generations=GROUP, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=GROUP // (world * micro_batch), max_completion_length=1024, optim="sgd",
         learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         gradient_checkpointing=False, disable_dropout=True, seed=0, shuffle_dataset=False,
     )
     trainer = PaWTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["room-a", "room-b"]}), processing_class=chat.tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": ["room-a"]}), processing_class=chat.tokenizer,
         rollout_func=rollout_func, paw=PaWArguments(wm=wm, advantage=advantage),
     )
     trainer.train()

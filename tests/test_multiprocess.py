@@ -1,6 +1,7 @@
 """Several processes (torchrun, gloo on CPU): on the same rollouts, one optimizer step on 2 processes gives the same
-update as on 1. The GRPO groups, the WM normaliser and lambda_g, and GiGPO's anchor groups are computed over the
-gathered batch, and TRL's loss is normalised so that DDP's averaged gradient is the global one."""
+update as on 1. The step's GRPO group of 8 episodes straddles the 2 processes, 4 each, with returns that differ
+between the halves: lambda_g, GiGPO's anchor groups, RLOO's baseline and the WM quotas and normaliser must come from
+the gathered batch, and TRL's loss is normalised so that DDP's averaged gradient is the global one."""
 
 import json
 import os
@@ -15,24 +16,34 @@ from transformers import AutoModelForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 
 
-def updated_weights(tiny_path, out, processes, wm, advantage):
+def updated_weights(tiny_path, out, processes, wm, advantage, micro_batch=4):
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run([str(torchrun), "--nproc_per_node", str(processes), "tests/one_step.py", str(tiny_path),
-                             str(out), wm, advantage], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             str(out), wm, advantage, str(micro_batch)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out / "weights.pt")
 
 
-@pytest.mark.parametrize("wm,advantage", [("off", "grpo"), ("paw", "grpo"), ("paw", "gigpo")])
-def test_two_processes_give_the_same_update_as_one(tiny_path, tmp_path, wm, advantage):
+def distance(a, b):
+    return sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+
+
+@pytest.mark.parametrize("wm,advantage", [("paw", "grpo"), ("paw", "gigpo"), ("off", "rloo")])
+def test_two_processes_give_the_same_update_as_one_when_a_group_spans_both(tiny_path, tmp_path, wm, advantage):
+    # 1 process trains on the two halves of the group as 2 micro-batches (tests/one_step.py): top-alpha selection
+    # runs per micro-batch (README), so it selects among the same transitions as each of the 2 processes.
     start = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()
     one = updated_weights(tiny_path, tmp_path / "one", 1, wm, advantage)
     two = updated_weights(tiny_path, tmp_path / "two", 2, wm, advantage)
-    update = sum(((one[k] - start[k]) ** 2).sum() for k in start) ** 0.5
-    difference = sum(((one[k] - two[k]) ** 2).sum() for k in start) ** 0.5
+    update = distance(one, start)
     assert update > 1e-2  # the step moved the model
-    assert difference / update < 1e-5
+    assert distance(one, two) / update < 1e-5  # a per-process lambda_g, quota or advantage: 1.3e-4 or more
+    if (wm, advantage) == ("paw", "grpo"):
+        # Top-alpha over the whole group at once (1 process, one micro-batch of 8) keeps other transitions than the
+        # two halves do on these rollouts: an update that 2 processes must not give.
+        whole = updated_weights(tiny_path, tmp_path / "whole", 1, wm, advantage, micro_batch=8)
+        assert distance(whole, two) / update > 1e-5  # measured: 1.1e-4
 
 
 @pytest.mark.parametrize("name,kind", [("accelerate_ddp.yaml", "MULTI_GPU"), ("accelerate_zero2.yaml", "DEEPSPEED")])
