@@ -26,6 +26,17 @@ def slow_save(obj, path, *args, **kwargs):
 torch.save = slow_save
 import train_paw
 train_paw.main()"""
+# train_paw.py that prints, as its last line, the steps for which this process logged a training loss.
+LOGGED_STEPS = """import json
+from transformers import TrainerCallback
+import train_paw
+class LoggedSteps(TrainerCallback):
+    steps = []
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in logs:
+            self.steps.append(state.global_step)
+train_paw.main(callbacks=[LoggedSteps()])
+print("steps logged:", json.dumps(LoggedSteps.steps))"""
 
 
 def train(*args, script=("train_paw.py",), **popen):
@@ -51,11 +62,17 @@ def test_a_run_killed_during_a_save_resumes_from_its_last_complete_checkpoint_ex
     run.wait()
     assert saving.exists() and not (killed / "checkpoint-3" / "trainer_state.json").exists()  # killed mid-save
 
-    resumed = train("--output_dir", str(killed), "--resume_from_checkpoint", "last", stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
-    _, err = resumed.communicate(timeout=900)
+    saved_step = json.loads((killed / "checkpoint-2" / "trainer_state.json").read_text())["global_step"]
+
+    resumed = train("--output_dir", str(killed), "--resume_from_checkpoint", "last", script=("-c", LOGGED_STEPS),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err[-3000:]
     assert f"{killed / 'checkpoint-3'} is incomplete (its save was interrupted): passed over" in err
+    # The resumed process trained the missing steps only: a run that started again at step 0 would reproduce the
+    # reference below just as well (it is seeded), but it would log steps 1 to 4.
+    steps_here = json.loads(out.strip().splitlines()[-1].removeprefix("steps logged:"))
+    assert saved_step == 2 and steps_here == [3, 4]
     assert reference.wait(timeout=900) == 0
     # Same global step, optimizer, scheduler, RNG and data order: the same log and bit-identical weights.
     assert logged(killed) == logged(tmp_path / "reference") and [s for s, _, _ in logged(killed)] == [1, 2, 3, 4]
