@@ -81,7 +81,7 @@ def test_the_tiny_model_on_real_games_writes_results_that_replay(tmp_path, chat)
     assert sum(t["games"] for t in summary["per_task_type"].values()) == 3
     for task_type, stats in summary["per_task_type"].items():
         assert stats["games"] == sum(t["task_type"] == task_type for t in trajectories) / 2
-    assert summary["wm_eval"]["tokens"] > 0 and summary["wm_eval"]["nll_per_token"] > 0
+    assert summary["wm_eval"]["tokens"] > 0  # its NLL is checked against an independent computation below
     for recorded in trajectories:  # feeding the recorded replies to a fresh game reproduces the trajectory
         replies = [turn["reply"] for turn in recorded["turns"]]
         (episode,) = play([make_env("alfworld", recorded["game"])],

@@ -3,6 +3,7 @@ invalid-action rate, the WM term lowers the held-out next-observation NLL below 
 curves, table and figure. One quick study serves every test."""
 
 import json
+import os
 
 import pytest
 from transformers import AutoTokenizer
@@ -72,5 +73,8 @@ def test_the_study_writes_its_curves_settings_and_figure(quick):
         assert row["success_end"]["mean"] == pytest.approx(
             sum(c["success"][-1] for c in by_seed.values()) / len(by_seed))
     assert saved["settings"]["eval_games"] == quick_settings["eval_games"]
-    assert saved["machine"]["cpu_count"] >= 1 and saved["wall_s"]["total"] > 0
+    assert saved["machine"]["cpu_count"] == os.cpu_count()
+    assert set(saved["wall_s"]["runs"]) == {f"{mode}-seed{seed}" for mode in quick_settings["modes"]
+                                            for seed in quick_settings["seeds"]}
+    assert saved["wall_s"]["total"] >= sum(saved["wall_s"]["runs"].values())
     assert "| off |" in study.table(saved)
