@@ -8,6 +8,7 @@ Every flag you pass (on the command line or in --config) wins over the plan. If 
 says so, with the estimate, before the model loads. The numbers are ESTIMATES (memory_estimate.py), not measurements.
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,10 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from memory_estimate import GIB, PROMPT_TOKENS, Shape, estimate, load_shape
+from envs import env_class
+from gpu_cards import find_card
+from memory_estimate import (GIB, HOURS_PER_SESSION, PRESETS, PROMPT_TOKENS, TURN_TOKENS, TYPICAL_REPLY_TOKENS,
+                             TYPICAL_TURN_TOKENS, Shape, estimate, estimate_time, load_shape, parameter_counts)
 
 HEADROOM = 0.9  # plan to 90% of the card: the estimate's fixed 1 GiB does not cover every allocator's slack
 EPISODE_CAPS = (6144, 4096, 3072, 2048)  # --max_completion_length, longest first: a cut episode loses its ending
@@ -29,6 +33,26 @@ LAYOUT_FLAGS = {"per_device_train_batch_size", "gradient_accumulation_steps", "s
 def gpu_memory_gib():
     """GPU 0's memory in GiB, or None with no GPU."""
     return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+
+
+def planned_card(gpu=None, memory_gib=None):
+    """(card, GiB, name) the plan is for. `--gpu` names the card (gpu_cards.py), and its memory unless
+    `--gpu_memory_gib` says otherwise; `--gpu_memory_gib` alone is a card of that size and unknown speed (card and
+    name None); neither is GPU 0, by its name (card None if gpu_cards.py does not know it). With no GPU and neither
+    flag, (None, None, None)."""
+    if gpu:
+        card = find_card(gpu)
+        return card, memory_gib or card.memory_gib, card.name
+    if memory_gib:
+        return None, memory_gib, None
+    name = gpu_name()
+    card = find_card(name) if name else None
+    return card, gpu_memory_gib(), card.name if card else name
+
+
+def gpu_name():
+    """torch's name for GPU 0, or None with no GPU."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def launched_processes():
@@ -73,6 +97,46 @@ def run_peak(shape, paw, args, model_args):
                       paw.max_action_tokens, paw.reuse_cache)
 
 
+def step_time(shape, card, paw, args, model_args, typical=False, **layout):
+    """memory_estimate's estimated seconds of one optimizer step of the run as parsed (estimate_time's dict): every
+    reply at --max_action_tokens (the worst case), or `typical` replies and observations. `layout` overrides
+    per_device_train_batch_size, gradient_accumulation_steps and max_completion_length (plan.fit_run's flags)."""
+    setting = {key: getattr(args, key) for key in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                                    "max_completion_length")} | layout
+    micro_batch, accumulation = setting["per_device_train_batch_size"], setting["gradient_accumulation_steps"]
+    generation_steps = args.steps_per_generation if not layout else accumulation  # TRL's default follows the layout
+    reply, turn = (TYPICAL_REPLY_TOKENS, TYPICAL_TURN_TOKENS) if typical else (paw.max_action_tokens, TURN_TOKENS)
+    env = env_class(paw.env)
+    return estimate_time(
+        shape, card, quantization="nf4" if model_args.load_in_4bit else "bf16",
+        lora_r=model_args.lora_r if model_args.use_peft or paw.adapter else None,
+        double_quant=model_args.use_bnb_nested_quant, episodes=micro_batch * accumulation,
+        rollout_episodes=micro_batch * generation_steps, micro_batch=micro_batch,
+        max_completion_length=setting["max_completion_length"], reply_tokens=min(reply, paw.max_action_tokens),
+        max_env_steps=paw.max_env_steps, turn_tokens=turn, reuse_cache=paw.reuse_cache,
+        gradient_checkpointing=args.gradient_checkpointing,
+        rollouts_per_step=accumulation / (generation_steps * args.num_iterations), env_workers=paw.env_workers,
+        env_reset_s=env.reset_seconds, env_step_s=env.step_seconds)
+
+
+def faster_runs(shape, card, card_gib, paw, args, model_args, given=frozenset(), hours=HOURS_PER_SESSION):
+    """Flags that finish the run in about `hours` on `card`, by the estimates: fewer steps, and the largest smaller
+    preset model (Qwen2.5, Llama 3.2) that does all the steps with the layout the plan would give it."""
+    options = [{"max_steps": int(hours * 3600 / step_time(shape, card, paw, args, model_args)["step"])}]
+
+    def size(preset):
+        return sum(parameter_counts(preset)[:2])
+
+    for name, other in sorted(PRESETS.items(), key=lambda item: -size(item[1])):
+        if size(other) >= size(shape):
+            continue
+        layout = fit_run(other, paw, args, model_args, HEADROOM * card_gib, given)
+        if layout is not None and args.max_steps * step_time(other, card, paw, args, model_args, **layout)["step"] <= (
+                hours * 3600):
+            return options + [{"model_name_or_path": name}]
+    return options
+
+
 def fit_run(shape, paw, args, model_args, budget_gib, given=frozenset()):
     """The flags (among the episode cap and the micro-batch / accumulation split) that the user did not set, chosen
     so that the estimated peak stays under `budget_gib`: the longest episode cap first, then the largest micro-batch.
@@ -110,6 +174,38 @@ def after_out_of_memory(shape, paw, args, model_args, card_gib):
 
 def as_flags(flags):
     return " ".join(f"--{key} {value}" for key, value in flags.items())
+
+
+def duration(seconds):
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
+def describe_time(shape, card, card_gib, paw, args, model_args, given=frozenset()):
+    """The plan's time lines, an ESTIMATE: a step (worst case and typical replies), the run, its sessions and
+    checkpoints; and a warning, with flags that finish in about one session, if the run would take over two."""
+    worst, typical = (step_time(shape, card, paw, args, model_args, typical=t) for t in (False, True))
+    total = args.max_steps * worst["step"]
+    checkpoints = "no checkpoints (--save_strategy no)" if args.save_strategy == "no" else (
+        f"a checkpoint every {args.save_steps:g} steps ({duration(args.save_steps * worst['step'])})")
+    sessions = math.ceil(total / 3600 / HOURS_PER_SESSION)
+    lines = [
+        f"  time      ESTIMATE on the {card.name} ({card.tflops:g} TFLOPS, {card.bandwidth_gbs:g} GB/s), not measured: "
+        f"{duration(worst['step'])} a step (rollout {duration(worst['rollout'])}, training "
+        f"{duration(worst['training'])})",
+        f"            with every reply at its {paw.max_action_tokens}-token cap (the worst case); "
+        f"{duration(typical['step'])} with typical {TYPICAL_REPLY_TOKENS}-token replies",
+        f"  run       {args.max_steps} steps: {duration(total)} at worst ({duration(args.max_steps * typical['step'])} "
+        f"typical), {sessions} session{'s' * (sessions != 1)} of {HOURS_PER_SESSION} h; {checkpoints}",
+    ]
+    warning = None
+    if total > 2 * HOURS_PER_SESSION * 3600:
+        options = " or ".join(as_flags(flags) for flags in faster_runs(shape, card, card_gib, paw, args, model_args,
+                                                                         given))
+        warning = (f"warning: by the estimate this run takes {duration(total)} on the {card.name}, over two "
+                   f"{HOURS_PER_SESSION}-hour sessions; about {HOURS_PER_SESSION} h: {options}")
+    return "\n".join(lines), warning
 
 
 def describe(paw, args, model_args, card_gib=None, peak_gib=None, planned=None):

@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,9 @@ from cpu_agent import AGENT_NAME, RUN_FLAGS, agent_path
 from env_workers import EnvWorkers
 from envs import ALFWORLD_TASK_TYPES, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
-from plan import (HEADROOM, after_out_of_memory, as_flags, describe, fit_run, flags_given, gpu_memory_gib, model_shape,
-                  run_peak)
+from gpu_cards import CARDS, find_card
+from plan import (HEADROOM, after_out_of_memory, as_flags, describe, describe_time, fit_run, flags_given, model_shape,
+                  planned_card, run_peak)
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import TINY_NAME, tiny_model_path
 from wm_select import action_entropy, num_selected, per_transition_mean, select_top_alpha
@@ -47,7 +49,7 @@ from wm_select import action_entropy, num_selected, per_transition_mean, select_
 class EnvArguments:
     """Which environment and games, and how an episode becomes a token sequence: shared by RL and SFT (sft.py)."""
 
-    env: str = field(default="alfworld", metadata={"help": "Text environment.", "choices": list(ENVIRONMENTS)})
+    env: str = field(default="alfworld", metadata={"help": f"Text environment: {', '.join(ENVIRONMENTS)}."})
     max_env_steps: int = field(default=20, metadata={"help": "Actions per episode."})
     max_observation_tokens: int = field(
         default=512, metadata={"help": "Each observation is cut to this many tokens (ALFWorld's longest: ~120)."})
@@ -73,6 +75,8 @@ class EnvArguments:
 
     def __post_init__(self):
         checks = [
+            # checked here, not as argparse choices, so that a script may register an environment (gpu_check.py)
+            (self.env in ENVIRONMENTS, f"--env {self.env}: unknown; one of {', '.join(ENVIRONMENTS)}"),
             (self.max_env_steps >= 1, f"--max_env_steps must be >= 1, got {self.max_env_steps}"),
             (self.max_observation_tokens >= 1, "--max_observation_tokens must be >= 1"),
             (self.num_train_games >= 0, "--num_train_games must be >= 0"),
@@ -140,6 +144,9 @@ class PaWArguments(EnvArguments):
     gigpo_penalize: Literal["format", "invalid"] = field(
         default="format", metadata={"help": "GiGPO: the steps --invalid_action_penalty hits: replies with no "
                                             "parseable action (verl-agent), or inadmissible actions too (as grpo)."})
+    gpu: str | None = field(
+        default=None, metadata={"help": "Plan the run, its memory and its time, for this card instead of the one "
+                                        f"found (with --dry_run, for a card you do not have): {', '.join(CARDS)}."})
     gpu_memory_gib: float | None = field(
         default=None, metadata={"help": "Plan the run for a GPU of this many GiB instead of the one found (e.g. 15 "
                                         "for a T4); with --dry_run, for a card you do not have."})
@@ -166,6 +173,7 @@ class PaWArguments(EnvArguments):
              f"--adapter {self.adapter}: no adapter_config.json there"),
             (0 <= self.gigpo_gamma <= 1, f"--gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}"),
             (self.gigpo_omega >= 0, f"--gigpo_omega must be >= 0, got {self.gigpo_omega}"),
+            (self.gpu is None or find_card(self.gpu), f"--gpu {self.gpu}: unknown card; one of {', '.join(CARDS)}"),
             (self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "--gpu_memory_gib must be > 0"),
             (self.max_nonfinite_steps >= 1, "--max_nonfinite_steps must be >= 1"),
         ]
@@ -344,6 +352,11 @@ class PaWTrainer(GRPOTrainer):
         self._metrics[mode]["episode/length"].append(steps.mean().item())
         self._metrics[mode]["episode/invalid_action_rate"].append((invalid.sum() / steps.sum().clamp(min=1)).item())
         self._metrics[mode]["episode/env_error_rate"].append(stats["env_error"].mean().item())
+        # Where a step's time goes: TRL's step_time holds the rollout and the training passes of all micro-batches.
+        seconds = inputs[0]["rollout_seconds"]
+        generated = sum(index >= 0 for row in inputs for index in row["action_index"])
+        self._metrics[mode]["time/rollout_s"].append(seconds)
+        self._metrics[mode]["time/generated_tokens_per_s"].append(generated / seconds)
         if "game_level" in inputs[0]:  # generated games
             self._metrics[mode]["episode/game_level"].append(float(inputs[0]["game_level"]))
 
@@ -356,6 +369,7 @@ class PaWTrainer(GRPOTrainer):
 def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers, curriculum: Curriculum | None):
     def rollout_func(prompts, trainer):
         """prompts: one game id per episode; TRL has repeated each game num_generations times (the group)."""
+        start = time.perf_counter()
         level = curriculum.level if curriculum else paw.game_level
         if paw.games == "generated":  # an id names a game at every level: write it at this one
             prompts = [resolve(spec, level) for spec in prompts]
@@ -376,6 +390,7 @@ def make_rollout_func(paw: PaWArguments, chat: ChatFormat, workers: EnvWorkers, 
             fields["game_level"] = [level] * len(episodes)
         if curriculum:  # every process moves on the successes of all, so that all stay at the same level
             curriculum.update(gather_object([e.won for e in episodes]))
+        fields["rollout_seconds"] = [time.perf_counter() - start] * len(episodes)
         return fields
 
     return rollout_func
@@ -532,18 +547,28 @@ def planned_shape(model_name, card_gib):
     return model_shape(model_name) if card_gib and model_name not in (TINY_NAME, AGENT_NAME) else None
 
 
-def print_plan(paw, args, model_args, card_gib, shape, planned, cpu_agent):
-    """The plan, before anything loads; a warning where the user's own flags do not fit the card by the estimate."""
+def print_plan(paw, args, model_args, card, card_gib, card_name, shape, planned, cpu_agent, given):
+    """The plan, before anything loads; a warning where the user's own flags do not fit the card by the estimate, or
+    would take more than two sessions."""
     if cpu_agent:
         print(f"no GPU: training the CPU agent ({AGENT_NAME}: a 1M-parameter model for small generated ALFWorld "
               "rooms, built offline on first use); --model_name_or_path picks another model")
     elif card_gib:
-        print(f"plan for a GPU of {card_gib:.1f} GiB (--gpu_memory_gib plans for another card; --dry_run prints "
-              "this and exits):")
+        print(f"plan for a GPU of {card_gib:.1f} GiB{f' ({card_name})' if card_name else ''} (--gpu or "
+              "--gpu_memory_gib plans for another card; --dry_run prints this and exits):")
     else:
         print("plan (no GPU):")
     peak = run_peak(shape, paw, args, model_args) if shape else None
     print(describe(paw, args, model_args, card_gib, peak, planned))
+    if shape and card:
+        lines, slow = describe_time(shape, card, card_gib, paw, args, model_args, given)
+        print(lines)
+        if slow:
+            print(slow, file=sys.stderr)
+    elif shape:
+        why = f"gpu_cards.py does not know the {card_name}" if card_name else (
+            "memory alone does not say how fast a card is")
+        print(f"  time      no estimate: {why}; --gpu names a card: {', '.join(CARDS)}")
     if shape and peak > HEADROOM * card_gib:
         fitting = fit_run(shape, paw, args, model_args, HEADROOM * card_gib)  # the user's own knobs set aside
         advice = (f"flags that fit: {as_flags(fitting)}" if fitting else
@@ -563,7 +588,7 @@ def parse_args(argv=None):
     parser.set_defaults(**default_flags())
     try:
         paw, training_args, model_args = parser.parse_args_and_config(argv)
-        card_gib = paw.gpu_memory_gib or gpu_memory_gib()
+        card, card_gib, card_name = planned_card(paw.gpu, paw.gpu_memory_gib)
         cpu_agent = card_gib is None and "model_name_or_path" not in given
         if cpu_agent:  # no GPU: a 7B model would not train, the CPU agent does
             if paw.env != "alfworld":
@@ -589,7 +614,7 @@ def parse_args(argv=None):
     except ValueError as error:
         parser.error(str(error))  # a clear message and exit code 2, before anything heavy is loaded
     if os.environ.get("RANK", "0") == "0":  # one plan per run, not one per process
-        print_plan(paw, training_args, model_args, card_gib, shape, planned, cpu_agent)
+        print_plan(paw, training_args, model_args, card, card_gib, card_name, shape, planned, cpu_agent, given)
     if paw.dry_run:
         sys.exit(0)
     resume = training_args.resume_from_checkpoint
@@ -605,7 +630,7 @@ def parse_args(argv=None):
 
 
 def out_of_memory_message(paw, args, model_args, steps_done):
-    card_gib = paw.gpu_memory_gib or gpu_memory_gib()
+    card_gib = planned_card(paw.gpu, paw.gpu_memory_gib)[1]
     shape = planned_shape(model_args.model_name_or_path, card_gib)
     retry = after_out_of_memory(shape, paw, args, model_args, card_gib)
     last = last_complete_checkpoint(args.output_dir)
