@@ -225,6 +225,7 @@ def default_flags():
 # With `--model_name_or_path tiny` (a CPU smoke run), a run shrinks to a few short episodes; flags still win.
 TINY_FLAGS = dict(num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_env_steps=4,
                   max_action_tokens=32, max_completion_length=2048)
+LOCAL_RUN_FLAGS = {TINY_NAME: TINY_FLAGS, AGENT_NAME: RUN_FLAGS}  # our own models' run sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,7 +597,7 @@ def parse_args(argv=None):
                                  "--model_name_or_path (e.g. tiny for a smoke run)")
             parser.set_defaults(model_name_or_path=AGENT_NAME)
             paw, training_args, model_args = parser.parse_args_and_config(argv)
-        run_flags = {TINY_NAME: TINY_FLAGS, AGENT_NAME: RUN_FLAGS}.get(model_args.model_name_or_path)
+        run_flags = LOCAL_RUN_FLAGS.get(model_args.model_name_or_path)
         if run_flags:  # the local models' own run sizes; flags the user passes still win
             parser.set_defaults(**run_flags)
             paw, training_args, model_args = parser.parse_args_and_config(argv)
@@ -621,8 +622,8 @@ def parse_args(argv=None):
     if resume in ("true", "last"):  # the newest checkpoint, if any: the same command starts and resumes a run
         found = last_complete_checkpoint(training_args.output_dir, [CURRICULUM_FILE] if paw.curriculum else [])
         training_args.resume_from_checkpoint = found
-        if not found:
-            print(f"no checkpoint in {training_args.output_dir} yet: starting from step 0", file=sys.stderr)
+        print(f"resuming from {found}" if found else f"no checkpoint in {training_args.output_dir} yet: starting from "
+              "step 0", file=sys.stderr)
     elif resume and not (Path(resume) / "trainer_state.json").is_file():
         parser.error(f"--resume_from_checkpoint {resume}: no checkpoint there (a checkpoint-N folder with "
                      "trainer_state.json); `--resume_from_checkpoint last` takes the newest in --output_dir")
