@@ -40,6 +40,7 @@ import train_paw  # noqa: E402
 from gpu_cards import CARDS, Card, find_card  # noqa: E402
 from memory_estimate import GIB, PRESETS, PROMPT_TOKENS, TURN_TOKENS, load_shape, parameter_counts  # noqa: E402
 from plan import HEADROOM, gpu_memory_gib, gpu_name, run_peak, step_time  # noqa: E402
+from models import load_tokenizer  # noqa: E402
 from rollout import ChatFormat  # noqa: E402
 from tiny_model import TINY_SHAPE, cached, tiny_model_path  # noqa: E402
 
@@ -83,10 +84,12 @@ class ShapedEnv:
     walkthrough = []
     eval_max_steps, gigpo_std = 50, True
     reset_seconds = step_seconds = 0.0
+    logged_options = ()
 
     @staticmethod
-    def games(split, **words):
-        return [f"shaped-{split}-{i}" for i in range(64)]
+    def games(split, num_games=0, task_types=None, seed=None, **words):
+        return envs.sample_games([f"shaped-{split}-{i}" for i in range(64)], num_games, task_types, seed,
+                                 lambda game: ShapedEnv.task_type)
 
     def __init__(self, game, first="1", observation="1", admissible="1"):
         self.game, self.first, self.observation = game, int(first), int(observation)
@@ -209,9 +212,9 @@ def estimates(argv, card):
 
 
 def measure(argv):
-    """Run train_paw.py; per step its seconds (TRL's step_time: rollout and training passes), the rollout's, and
-    the completion tokens; the peak memory of the run (GPU: the CUDA allocator's; CPU: the process's peak resident
-    size, which includes everything Python loaded)."""
+    """Run train_paw.py; per step its seconds (TRL's step_time: the rollout and the training passes) and the
+    rollout's (with TRL's scoring of it); the peak memory of the run (GPU: the CUDA allocator's; CPU: the process's
+    peak resident size, which includes everything Python loaded)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer = train_paw.main(argv)
@@ -299,7 +302,7 @@ def main(argv=None):
               "card": card.name if card else None, "platform": platform.platform(), "torch": torch.__version__,
               "cuda": torch.version.cuda, "command": " ".join(["python gpu_check.py", *(argv or sys.argv[1:])]),
               "shapes": [], "skipped": []}
-    options = word_counts(ChatFormat(train_paw.load_tokenizer(tiny_model_path())))  # every model has its tokenizer
+    options = word_counts(ChatFormat(load_tokenizer(tiny_model_path())))  # every model has its tokenizer
     start = time.time()
     for name in (QWEN if on_gpu else [SMOKE]):
         left = args.minutes * 60 - (time.time() - start)

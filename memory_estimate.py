@@ -352,7 +352,7 @@ def format_table(e, s, model, quantization, lora_r, double_quant, rollout_episod
 def format_time_table(shape, cards, max_steps, **settings):
     """The time estimate on each of `cards` as a small table: a step at worst and typically, and the whole run."""
     lines = [f"ESTIMATE (not measured) of the time of the same run, {max_steps} steps; worst case: every reply at its "
-             f"{settings['reply_tokens']}-token cap; typical: {TYPICAL_REPLY_TOKENS}-token replies (memory_estimate.py)",
+             f"{settings['reply_tokens']}-token cap; typical: {TYPICAL_REPLY_TOKENS}-token replies",
              f"{'card':<16}{'step, worst':>12}{'rollout':>9}{'training':>9}{'step, typical':>15}"
              f"{'run, worst':>12}{'12 h sessions':>15}"]
     for card in cards:

@@ -46,13 +46,12 @@ from transformers import TrainerCallback  # noqa: E402
 import eval as evaluation  # noqa: E402
 import sft  # noqa: E402
 import train_paw  # noqa: E402
-from cpu_agent import AGENT_NAME  # noqa: E402
 from env_workers import EnvWorkers  # noqa: E402
 from envs import ALFWORLD_SPLITS, DataMissing  # noqa: E402
 from memory_estimate import HOURS_PER_SESSION  # noqa: E402
-from plan import duration, gpu_name, planned_card, step_time  # noqa: E402
+from models import AGENT_NAME, LOCAL_RUN_FLAGS, ModelMissing, load_model, load_tokenizer  # noqa: E402
+from plan import duration, gpu_name, planned_card, planned_shape, step_time  # noqa: E402
 from rollout import ChatFormat, expert_policy, play  # noqa: E402
-from train_paw import ModelMissing  # noqa: E402
 
 # The modes a study can compare: train_paw.py flags on top of the model's run settings.
 MODES = {
@@ -255,7 +254,7 @@ def expected_time(args, paw, run_args, model_args, batch, sft_args):
     """(seconds of the warm start, a step, an evaluation, a run, the study) by memory_estimate's time estimate for
     this card, or a string saying why there is none."""
     card, card_gib, name = planned_card(paw.gpu, paw.gpu_memory_gib)
-    shape = train_paw.planned_shape(model_args.model_name_or_path, card_gib)
+    shape = planned_shape(model_args.model_name_or_path, card_gib)
     if card is None or shape is None:
         return ("no GPU" if card_gib is None else f"no figures for the {name}" if name and not card else
                 "no estimate for this model" if card else "memory alone does not say how fast a card is")
@@ -309,7 +308,7 @@ def warm_start(args, folder, argv):
     if (folder / "adapter_config.json").exists():
         return ["--model_name_or_path", args.model_name_or_path, "--adapter", str(folder)]
     # a whole model: its folder, with the base model's own run sizes where it has some (tiny, cpu-agent)
-    sizes = train_paw.LOCAL_RUN_FLAGS.get(args.model_name_or_path, {})
+    sizes = LOCAL_RUN_FLAGS.get(args.model_name_or_path, {})
     return ["--model_name_or_path", str(folder), *[f"--{key}={value}" for key, value in sizes.items()]]
 
 
@@ -363,7 +362,7 @@ def study(args, command):
     if args.dry_run:
         sys.exit(0)
     state = load_state(folder, result_file, settings)
-    chat = ChatFormat(train_paw.load_tokenizer(args.model_name_or_path))  # a model that is not here stops here
+    chat = ChatFormat(load_tokenizer(args.model_name_or_path))  # a model that is not here stops here
     save = lambda: save_state(folder, state)  # noqa: E731
     if sft_flags:
         if not (folder / STATE).exists():  # a warm start left by a study that never recorded its settings
@@ -389,7 +388,7 @@ def study(args, command):
             clock = time.time()
             adapter = start_flags[start_flags.index("--adapter") + 1] if "--adapter" in start_flags else None
             start_model_args = quietly(train_paw.parse_args, [*start_flags, *game_flags(args), *args.train_flags])[2]
-            state["start"] = evaluate(train_paw.load_model(start_model_args, run_args.device, adapter)[0])
+            state["start"] = evaluate(load_model(start_model_args, run_args.device, adapter)[0])
             state["wall_s"]["start"] = time.time() - clock
             save()
         print(f"study: start: held-out success {state['start']['success']:.3f}, NLL {state['start']['nll']:.3f}",

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 import gpu_check
 import memory_estimate as me
 from envs import make_env
-from rollout import ChatFormat, play, text_policy
+from rollout import play, text_policy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,8 @@ def test_random_checkpoints_are_written_in_shards_and_load_with_their_values(tmp
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     parameters = dict(model.named_parameters())
     assert set(index["weight_map"]) == set(parameters)
-    assert (parameters["model.norm.weight"] == 1).all() and (parameters["model.layers.0.self_attn.q_proj.bias"] == 0).all()
+    assert (parameters["model.norm.weight"] == 1).all()
+    assert (parameters["model.layers.0.self_attn.q_proj.bias"] == 0).all()
     std = parameters["model.layers.0.mlp.up_proj.weight"].std().item()
     assert 0.018 < std < 0.022
 

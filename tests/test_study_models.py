@@ -124,8 +124,8 @@ def test_smollm2_warm_started_then_one_rl_step_per_mode(smol_path, tmp_path):
     output = tmp_path / "smol"
     command = [sys.executable, "study.py", "--model_name_or_path", smol_path, "--warm_start", "sft", "--sft_games", "6",
                "--sft_flags", "--num_train_epochs 1", "--games", "generated", "--max_env_steps", "4",
-               "--max_action_tokens", "16", "--modes", "off", "paw", "--seeds", "0", "--steps", "1", "--eval_every", "1",
-               "--eval_games", "2", "--env_workers", "0", "--output", str(output), "--train_flags",
+               "--max_action_tokens", "16", "--modes", "off", "paw", "--seeds", "0", "--steps", "1",
+               "--eval_every", "1", "--eval_games", "2", "--env_workers", "0", "--output", str(output), "--train_flags",
                "--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                "--max_completion_length", "1024", "--load_in_4bit", "false"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200,

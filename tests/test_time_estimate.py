@@ -51,7 +51,8 @@ def t4_plan():
 def test_the_default_run_on_a_t4_computed_by_hand(capsys):
     paw, args, model_args = t4_plan()
     # The T4 plan of Qwen2.5-7B-Instruct (NF4, LoRA r=16): 16 episodes, micro-batch 2 x 8, 4096-token episodes.
-    assert (args.max_completion_length, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4096, 2, 8)
+    layout = (args.max_completion_length, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+    assert layout == (4096, 2, 8)
     assert (paw.max_action_tokens, paw.max_env_steps, args.steps_per_generation) == (256, 20, 8)
     peak, bandwidth = 65e12, 320e9 * me.MEMORY_EFFICIENCY  # the T4 datasheet: 65 TFLOPS, 320 GB/s
     # Qwen2.5-7B per layer: q and o 3584x3584, k and v 3584x512, gate, up and down 3584x18944; 28 layers.

@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import alfworld_gen
 import train_paw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +94,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_at_its_curriculum_level(tiny_p
 
     monkeypatch.setattr(train_paw, "play", play_or_die)
     # The tiny model never wins: let every rollout earn a promotion, to see the level travel through a checkpoint.
-    monkeypatch.setattr(train_paw.Curriculum, "update", lambda self, successes: setattr(self, "level", self.level + 1))
+    monkeypatch.setattr(alfworld_gen.Curriculum, "update",
+                        lambda self, successes: setattr(self, "level", self.level + 1))
     with pytest.raises(KeyboardInterrupt):
         train_paw.main(args)
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
