@@ -7,7 +7,7 @@ which receptacle can hold which object, what can be heated, cooled, cleaned, sli
 TextWorld's PDDL backend with ALFWorld's wrappers (envs.AlfWorldEnv) plays them exactly as it plays official games.
 
     python alfworld_gen.py --out games --level 0 --count 100 --seed 0     # 100 games per task type, level 0
-    python alfworld_gen.py bench                                           # reset/step times vs official games
+    python bench.py --environments                                         # reset/step times vs official games
 
 Files go to `<out>/json_2.1.1/<split>/<task-type>-<Object>-None-<Receptacle>-gen<level>/trial_<seed>/game.tw-pddl`,
 the official layout, so `ALFWORLD_DATA=<out>` serves them like downloaded data, and the task type is the
@@ -19,8 +19,6 @@ import functools
 import json
 import os
 import random
-import re
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +322,7 @@ def write_games(root, task_types=tuple(TASK_TYPES), level=0, count=1, seed=0, sp
 
 # Each split draws its seeds from its own range, so evaluation games are never trained on.
 SPLIT_SEEDS = {"train": 0, "eval_in_distribution": 1_000_000, "eval_out_of_distribution": 2_000_000}
+GENERATED_PER_TYPE = {"train": 100, "eval_in_distribution": 20, "eval_out_of_distribution": 20}  # by default
 
 
 def game_specs(split, count, task_types=tuple(TASK_TYPES)):
@@ -368,6 +367,10 @@ class Curriculum:
             self.recent.clear()  # outcomes at the old level say nothing about the new one
         return self.level
 
+    def options(self):
+        """The environment options it sets: the level of the games it generates (envs.AlfWorldEnv)."""
+        return {"game_level": self.level}
+
     def state_dict(self):
         return {"level": self.level, "recent": list(self.recent)}
 
@@ -375,81 +378,16 @@ class Curriculum:
         self.level, self.recent = state["level"], deque(state["recent"], maxlen=self.recent.maxlen)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark: reset and step times of generated games against official ones, measured side by side.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def play_walkthrough(game):
-    """Replay a game file's stored walkthrough in envs.AlfWorldEnv, the engine training uses.
-
-    Returns (reset seconds, mean seconds per step, [(command, envs.Step)]); the first entry is the reset's (None, Step).
-    """
-    from envs import AlfWorldEnv
-
-    env = AlfWorldEnv(game)
-    start = time.perf_counter()
-    steps = [(None, env.reset())]
-    reset_time, start = time.perf_counter() - start, time.perf_counter()
-    walkthrough = json.loads(Path(game).read_text())["walkthrough"]
-    steps += [(command, env.step(f"<action>{command}</action>")) for command in walkthrough]
-    step_time = (time.perf_counter() - start) / len(walkthrough)
-    env.close()
-    return reset_time, step_time, steps
-
-
-def time_games(levels, per_type, seed=0):
-    """Official valid_unseen games and generated games of each level, `per_type` per task type, played round robin
-    (so that load changes hit every source alike): {source: [(reset s, mean step s, won, receptacles) per game]}."""
-    import tempfile
-
-    from envs import alfworld_games, alfworld_task_type
-
-    official = alfworld_games("eval_out_of_distribution")
-    rng = random.Random(seed)
-    sources = {"official valid_unseen": [g for t in TASK_TYPES for g in rng.sample(
-        [g for g in official if alfworld_task_type(g) == t], per_type)]}
-    with tempfile.TemporaryDirectory() as root:
-        for level in levels:
-            sources[f"generated, level {level}"] = write_games(root, level=level, count=per_type, seed=seed)
-        results = {name: [] for name in sources}
-        play_walkthrough(sources[f"generated, level {levels[0]}"][0])  # imports and first-use caches: not a reset cost
-        for i in range(len(TASK_TYPES) * per_type):
-            for name, games in sources.items():
-                reset_time, step_time, steps = play_walkthrough(games[i])
-                problem = json.loads(Path(games[i]).read_text())["pddl_problem"]
-                receptacles = len(re.findall(r"^\s*\w+_bar_\w+ - receptacle$", problem, re.MULTILINE))
-                results[name].append((reset_time, step_time, steps[-1][1].won, receptacles))
-    return results
-
-
-def bench(levels, per_type, seed=0):
-    """Print a markdown table of reset/step times: generated games per level and official valid_unseen games."""
-    results = time_games(levels, per_type, seed)
-    print(f"| games ({per_type} per task type) | receptacles | reset ms (mean / max) | step ms (mean) "
-          "| walkthrough wins |")
-    print("|---|---|---|---|---|")
-    for name, rows in results.items():
-        resets, steps, wins, receptacles = zip(*rows)
-        print(f"| {name} | {mean(receptacles):.1f} | {1000 * mean(resets):.0f} / {1000 * max(resets):.0f} "
-              f"| {1000 * mean(steps):.1f} | {sum(wins)}/{len(wins)} |")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["bench"], help="bench: time generated vs official games")
     parser.add_argument("--out", help="folder to write games to (it becomes an ALFWORLD_DATA folder)")
     parser.add_argument("--level", type=int, default=0, help=f"difficulty, 0 to {len(LEVELS) - 1}")
     parser.add_argument("--count", type=int, default=10, help="games per task type")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first game")
     parser.add_argument("--split", default="train", help="split folder name (train, valid_seen, valid_unseen)")
     parser.add_argument("--task_types", nargs="+", default=list(TASK_TYPES), choices=list(TASK_TYPES))
-    parser.add_argument("--levels", type=int, nargs="+", default=[0, 2, 5], help="bench: levels to time")
-    parser.add_argument("--per_type", type=int, default=3, help="bench: games per task type and source")
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        bench(args.levels, args.per_type, args.seed)
-    elif args.out is None:
+    if args.out is None:
         parser.error("--out is required to write games")
     else:
         paths = write_games(args.out, args.task_types, args.level, args.count, args.seed, args.split)

@@ -1,7 +1,8 @@
 """Where the time goes, measured side by side in one run on this machine, with the tiny model and with a random
 model of a realistic shape (Qwen2-style, 35M parameters, 32k vocabulary).
 
-    python bench.py             # about 25 minutes on 2 CPU cores; prints markdown tables
+    python bench.py                  # about 25 minutes on 2 CPU cores; prints markdown tables
+    python bench.py --environments   # only official ALFWorld games against generated ones, per level (minutes)
 
 1. rollouts of 16 episodes: batched (one `generate` per turn for all live episodes) against the same 16 one at a
    time; and tokens prefilled per token of the final sequences, with and without KV-cache reuse
@@ -16,11 +17,15 @@ shows; official games cost more per reset (table 2).
 """
 
 import argparse
+import json
 import os
 import platform
+import random
+import re
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -32,8 +37,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from trl import GRPOConfig
 
 import memory_estimate
-from alfworld_gen import game_specs, resolve, time_games
+from alfworld_gen import TASK_TYPES, game_specs, resolve, write_games
 from env_workers import EnvWorkers
+from envs import alfworld_games, alfworld_task_type, play_walkthrough
 from rollout import ChatFormat, ModelPolicy, play
 from tiny_model import build_tiny, tiny_model_path
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward
@@ -88,6 +94,38 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
+def time_games(levels, per_type, seed=0):
+    """Official valid_unseen games and generated games of each level, `per_type` per task type, played round robin
+    (so that load changes hit every source alike): {source: [(reset s, mean step s, won, receptacles) per game]}."""
+    official = alfworld_games("eval_out_of_distribution")
+    rng = random.Random(seed)
+    sources = {"official valid_unseen": [g for t in TASK_TYPES for g in rng.sample(
+        [g for g in official if alfworld_task_type(g) == t], per_type)]}
+    with tempfile.TemporaryDirectory() as root:
+        for level in levels:
+            sources[f"generated, level {level}"] = write_games(root, level=level, count=per_type, seed=seed)
+        results = {name: [] for name in sources}
+        play_walkthrough(sources[f"generated, level {levels[0]}"][0])  # imports and first-use caches: not a reset cost
+        for i in range(len(TASK_TYPES) * per_type):
+            for name, games in sources.items():
+                reset_time, step_time, steps = play_walkthrough(games[i])
+                problem = json.loads(Path(games[i]).read_text())["pddl_problem"]
+                receptacles = len(re.findall(r"^\s*\w+_bar_\w+ - receptacle$", problem, re.MULTILINE))
+                results[name].append((reset_time, step_time, steps[-1][1].won, receptacles))
+    return results
+
+
+def game_levels(levels, per_type):
+    """A markdown table of reset/step times: generated games per level and official valid_unseen games."""
+    lines = [f"| games ({per_type} per task type) | receptacles | reset ms (mean / max) | step ms (mean) "
+             "| walkthrough wins |", "|---|---|---|---|---|"]
+    for name, rows in time_games(levels, per_type).items():
+        resets, steps, wins, receptacles = zip(*rows)
+        lines.append(f"| {name} | {statistics.mean(receptacles):.1f} | {1000 * statistics.mean(resets):.0f} / "
+                     f"{1000 * max(resets):.0f} | {1000 * statistics.mean(steps):.1f} | {sum(wins)}/{len(wins)} |")
+    return "\n".join(lines)
+
+
 def environment_costs():
     """Reset and step milliseconds of official valid_unseen games and generated ones, one game per task type, with
     TextWorld's text templates parsed once per process (envs.py) and, side by side, parsed at every call (TextWorld)."""
@@ -133,7 +171,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=6, help="actions per episode in the rollouts")
     parser.add_argument("--reply_tokens", type=int, default=32, help="tokens per reply (the random model rarely stops)")
+    parser.add_argument("--environments", action="store_true",
+                        help="only time official ALFWorld games against generated ones of --levels")
+    parser.add_argument("--levels", type=int, nargs="+", default=[0, 2, 5], help="--environments: levels to time")
+    parser.add_argument("--per_type", type=int, default=3, help="--environments: games per task type and source")
     args = parser.parse_args()
+    if args.environments:
+        print(game_levels(args.levels, args.per_type))
+        return
     torch.set_num_threads(1)
     workers = EnvWorkers(2)  # forked before any model exists
     out = tempfile.mkdtemp()

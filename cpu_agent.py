@@ -5,8 +5,8 @@
     python eval.py --model_name_or_path cpu-agent --games generated --max_env_steps 12
 
 A laptop cannot run RL on a 7B model, and a random model never acts validly, so GRPO would get no signal. This
-agent is small enough for a CPU and starts where RL has room to improve it: it wins some held-out generated games and loses
-others. Three stages on generated ALFWorld training games: copying (random sequences that repeat), the language of
+agent is small enough for a CPU and starts where RL has room to improve it: it wins some held-out generated games
+and loses others. Three stages on generated ALFWorld training games: copying (random sequences that repeat), the language of
 the expert's episodes, then behaviour cloning with sft.py. Its tokenizer is a byte-level BPE trained on the
 environment's own text, so a word of ALFWorld is about one token. Cached in `~/.cache/paw/cpu-agent-v1` (or
 `$PAW_AGENT_DIR`).
@@ -23,21 +23,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
+import sft
 from alfworld_gen import game_specs, resolve
 from env_workers import EnvWorkers
 from rollout import ChatFormat, expert_policy, play
+from models import AGENT_RUN_FLAGS
 from tiny_model import SPECIAL_TOKENS, build_tiny, cached, tiny_model_path
 
-IGNORE = -100  # transformers' label of a token with no loss
-
-AGENT_NAME = "cpu-agent"  # what --model_name_or_path calls it
-# Our choice, measured (README, "The CPU agent"): level-0 rooms, episodes of up to 12 actions.
-GAME_LEVEL, MAX_ENV_STEPS = 0, 12
-# train_paw.py's defaults for an RL run of this agent (flags still win): full fine-tuning in fp32 on its games.
-RUN_FLAGS = dict(use_peft=False, load_in_4bit=False, dtype="float32", bf16=False, fp16=False, games="generated",
-                 game_level=GAME_LEVEL, max_env_steps=MAX_ENV_STEPS, max_action_tokens=32,
-                 max_completion_length=2048, learning_rate=5e-5, num_generations=8, per_device_train_batch_size=16,
-                 gradient_accumulation_steps=1, max_steps=60, save_steps=20)
+GAME_LEVEL, MAX_ENV_STEPS = AGENT_RUN_FLAGS["game_level"], AGENT_RUN_FLAGS["max_env_steps"]  # the rooms it plays
 # 1.0M parameters; tied input and output embeddings, as in the recipe we measured (README, "The CPU agent").
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              tie_word_embeddings=True)
@@ -69,7 +62,7 @@ def learn_to_copy(model, first_token, seed, steps=400, batch_size=16, length=48,
         half = torch.randint(first_token, model.config.vocab_size, (batch_size, length), generator=generator)
         input_ids = torch.cat([half, half], dim=1)
         labels = input_ids.clone()
-        labels[:, :length] = IGNORE  # the first half is unpredictable
+        labels[:, :length] = sft.IGNORE  # the first half is unpredictable
         loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -91,8 +84,6 @@ def build_agent(path, seed=0, shape=SHAPE, vocab_size=VOCAB_SIZE, sft_games=SFT_
 
 
 def _build(path, seed, shape, vocab_size, sft_games):
-    import sft  # here: sft.py imports train_paw.py, which imports this file
-
     workers = EnvWorkers(min(8, os.cpu_count() or 1))
     try:
         corpus = environment_text([resolve(g, GAME_LEVEL) for g in game_specs("train", CORPUS_GAMES)], workers)
@@ -112,7 +103,8 @@ def _build(path, seed, shape, vocab_size, sft_games):
         sft.train(model, tokenizer, text, SFTConfig(output_dir=work, seed=seed, use_cpu=on_cpu, packing=True,
                                                     packing_strategy="wrapped", max_length=256, **STAGE_FLAGS))
         # Stage 3: behaviour cloning, the loss on the expert's replies only (sft.py).
-        sft.train(model, tokenizer, episodes, SFTConfig(output_dir=str(path), seed=seed, use_cpu=on_cpu, max_length=None,
+        sft.train(model, tokenizer, episodes, SFTConfig(output_dir=str(path), seed=seed, use_cpu=on_cpu,
+                                                        max_length=None,
                                                         train_sampling_strategy="group_by_length", **STAGE_FLAGS))
 
 

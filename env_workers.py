@@ -29,7 +29,7 @@ def _serve(conn):
         try:
             if method == "make":
                 env = envs[env_id] = make_env(*args)
-                result = (env.system_prompt, env.task_type)
+                result = (env.game, env.system_prompt, env.task_type)  # its game as made (a generated one: its file)
             elif method == "close":
                 result = envs.pop(env_id).close()
             else:
@@ -109,7 +109,7 @@ class EnvWorkers:
         self._count += 1
         worker = self._workers[self._count % len(self._workers)]
         worker.conn.send((self._count, "make", (env_name, game, options)))
-        return RemoteEnv(self, worker, self._count, game, *self.answer(worker))
+        return RemoteEnv(self, worker, self._count, *self.answer(worker))
 
     def answer(self, worker):
         """The worker's next answer; raises the environment's error. A worker that died or does not answer in time is

@@ -1,4 +1,5 @@
-"""Text environments: the protocol they follow, prompt formatting, action parsing, and ALFWorld on its real engine.
+"""Text environments: the protocol they follow, their flags, prompt formatting, action parsing, and ALFWorld on its
+real engine (official games, or games alfworld_gen.py generates at any room size, with its curriculum).
 
 Every environment answers `reset()` and `step(reply)` with a `Step`. `step` takes the model's raw reply text and
 parses it itself, so the episode loop (rollout.py) and the trainer know nothing about any one environment.
@@ -9,16 +10,20 @@ import copy
 import functools
 import importlib
 import inspect
+import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
+
+from alfworld_gen import GENERATED_PER_TYPE, LEVELS, TASK_TYPES, Curriculum, game_specs, resolve
 
 
 @dataclass
@@ -39,9 +44,13 @@ class TextEnv(Protocol):
     walkthrough: list[str]  # after reset: replies that solve the game (for the expert policy and tests)
     eval_max_steps: int  # actions per episode in the literature's evaluations: eval.py's default
     gigpo_std: bool  # GiGPO's default normalization here: divide by the std (verl-agent's per-environment choice)
+    reset_seconds: float  # CPU time of one reset and one step, measured (bench.py): the time estimate's share for
+    step_seconds: float  # the environment (memory_estimate.py)
+    logged_options: tuple[str, ...]  # options the trainer logs each step as episode/<name> (a curriculum's level)
 
     @staticmethod
-    def games(split: str, **options) -> list[str]: ...  # the game ids of a split
+    def games(split: str, num_games: int = 0, task_types: list[str] | None = None, seed: int | None = None,
+              **options) -> list[str]: ...  # game ids of a split: num_games of them (0: all), a sample if seed
 
     def __init__(self, game: str, **options): ...
 
@@ -52,6 +61,16 @@ class TextEnv(Protocol):
     def random_reply(self, seed: int) -> str: ...  # a random legal reply now (the random-policy floor)
 
     def close(self) -> None: ...
+
+
+def sample_games(games, num_games=0, task_types=None, seed=None, task_type=None):
+    """`games` of these task types (`task_type(game)` names a game's), cut to `num_games` (0: all): a sample drawn
+    with `seed`, or the first ones."""
+    if task_types:
+        games = [game for game in games if task_type(game) in task_types]
+    if seed is not None:
+        games = random.Random(seed).sample(games, len(games))
+    return games[:num_games] if num_games else games
 
 
 def format_admissible(actions):
@@ -198,11 +217,28 @@ class AlfWorldEnv:
     system_prompt = ALFWORLD_SYSTEM_PROMPT
     eval_max_steps = 50
     gigpo_std = True  # verl-agent's ALFWorld setting for GiGPO (mean_std_norm)
-    games = staticmethod(alfworld_games)
+    # Official games, by bench.py on our 2-core CPU (2026-12-04); generated level-0 rooms cost 0.07 s and 0.005 s.
+    reset_seconds, step_seconds = 1.34, 0.025
+    logged_options = ("game_level",)
 
-    def __init__(self, game):
-        self.game = game
-        self.task_type = alfworld_task_type(game)
+    @staticmethod
+    def games(split, num_games=0, task_types=None, seed=None, games="official", game_level=0):
+        """Official game files, or ids of generated games: "Type:seed" from the split's own seed range (never the
+        games trained on), as many as asked (100 per task type to train, 20 to evaluate), the task types in turn;
+        an id names a game at every level, written at `game_level` when it is played."""
+        if games == "generated":
+            types = task_types or list(TASK_TYPES)
+            return game_specs(split, num_games or GENERATED_PER_TYPE[split] * len(types), types)
+        return sample_games(alfworld_games(split), num_games, task_types, seed, alfworld_task_type)
+
+    @staticmethod
+    def curriculum(options):
+        """Generated games grow from `game_level` as the agent wins (alfworld_gen.Curriculum)."""
+        return Curriculum(int(options["game_level"]))
+
+    def __init__(self, game, games="official", game_level=0):
+        self.game = resolve(game, int(game_level)) if games == "generated" else game
+        self.task_type = alfworld_task_type(self.game)
         self.walkthrough = []
         self._engine = None
         self._admissible = []
@@ -242,9 +278,25 @@ class AlfWorldEnv:
             self._engine = None
 
 
+def play_walkthrough(game):
+    """Replay a game file's stored walkthrough in AlfWorldEnv, the engine training uses.
+
+    Returns (reset seconds, mean seconds per step, [(command, Step)]); the first entry is the reset's (None, Step).
+    """
+    env = AlfWorldEnv(game)
+    start = time.perf_counter()
+    steps = [(None, env.reset())]
+    reset_time, start = time.perf_counter() - start, time.perf_counter()
+    walkthrough = json.loads(Path(game).read_text())["walkthrough"]
+    steps += [(command, env.step(f"<action>{command}</action>")) for command in walkthrough]
+    step_time = (time.perf_counter() - start) / len(walkthrough)
+    env.close()
+    return reset_time, step_time, steps
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Registry: `--env NAME` names an environment class, loaded on first use. A class lists its games with
-# `games(split)` and is built from one game id.
+# `games(split, ...)` and is built from one game id.
 # ----------------------------------------------------------------------------------------------------------------
 
 ENVIRONMENTS = {"alfworld": "envs:AlfWorldEnv", "webshop": "webshop:WebShopEnv", "search": "search_qa:SearchQAEnv"}
@@ -264,10 +316,10 @@ def parse_options(pairs):
 
 
 def list_games(env_name, split, num_games=0, task_types=None, seed=None, options=None):
-    """Game ids of a split, optionally filtered by task type and cut to `num_games` (a seeded sample if seed).
+    """Game ids of a split, optionally of some task types and cut to `num_games` (a seeded sample if seed).
 
-    options: the environment's own keyword arguments (`--env_options key=value ...`), given to `games` and to the
-    constructor alike.
+    options: the environment's own keyword arguments (env_options below), given to `games` and to the constructor
+    alike.
     """
     cls, options = env_class(env_name), options or {}
     for accepts in (inspect.signature(cls.games).bind, inspect.signature(cls).bind):
@@ -275,12 +327,70 @@ def list_games(env_name, split, num_games=0, task_types=None, seed=None, options
             accepts(split, **options)
         except TypeError:
             raise ValueError(f"--env {env_name} takes no option(s) {', '.join(options)}") from None
-    games = cls.games(split, **options)
-    if task_types:
-        games = [g for g in games if cls(g, **options).task_type in task_types]
-    if seed is not None:
-        games = random.Random(seed).sample(games, len(games))
-    return games[:num_games] if num_games else games
+    return cls.games(split, num_games, task_types, seed, **options)
+
+
+def env_options(pairs, games="official", game_level=0):
+    """The environment's options: `--env_options key=value ...`, and for generated games their source and level."""
+    options = parse_options(pairs)
+    if games == "generated":
+        options.update(games=games, game_level=game_level)
+    return options
+
+
+@dataclass
+class EnvArguments:
+    """Which environment and games, and how an episode becomes a token sequence: shared by RL and SFT (sft.py)."""
+
+    env: str = field(default="alfworld", metadata={"help": f"Text environment: {', '.join(ENVIRONMENTS)}."})
+    max_env_steps: int = field(default=20, metadata={"help": "Actions per episode."})
+    max_observation_tokens: int = field(
+        default=512, metadata={"help": "Each observation is cut to this many tokens (ALFWorld's longest: ~120)."})
+    show_admissible: bool = field(default=True, metadata={"help": "List the admissible actions in each turn."})
+    train_split: str = field(default="train", metadata={"help": "Split whose games are trained on."})
+    num_train_games: int = field(default=0, metadata={"help": "Train on a seeded sample of this many games (0: all)."})
+    task_types: list[str] | None = field(
+        default=None,
+        metadata={"help": "Train only on these ALFWorld task types.", "choices": list(ALFWORLD_TASK_TYPES.values())})
+    games: Literal["official", "generated"] = field(
+        default="official", metadata={"help": "ALFWorld games: the official files, or games alfworld_gen.py "
+                                              "generates offline (any room size, no download)."})
+    game_level: int = field(
+        default=0, metadata={"help": "Generated games: room size, 0 (3 receptacles) to 5 (24, like official ones)."})
+    env_workers: int = field(
+        default=min(8, os.cpu_count() or 1),
+        metadata={"help": "Processes that run environment resets and steps in parallel (0: in the main process)."})
+    env_timeout: float = field(
+        default=120, metadata={"help": "Seconds an environment call may take: one that hangs ends its episode as "
+                                       "an environment error and its worker is replaced (needs --env_workers >= 1)."})
+    env_options: list[str] | None = field(
+        default=None, metadata={"help": "The environment's own settings, as key=value pairs (see the README)."})
+
+    def __post_init__(self):
+        checks = [
+            # checked here, not as argparse choices, so that a script may register an environment (gpu_check.py)
+            (self.env in ENVIRONMENTS, f"--env {self.env}: unknown; one of {', '.join(ENVIRONMENTS)}"),
+            (self.max_env_steps >= 1, f"--max_env_steps must be >= 1, got {self.max_env_steps}"),
+            (self.max_observation_tokens >= 1, "--max_observation_tokens must be >= 1"),
+            (self.num_train_games >= 0, "--num_train_games must be >= 0"),
+            (self.env_workers >= 0, "--env_workers must be >= 0"),
+            (self.env_timeout > 0, f"--env_timeout must be > 0, got {self.env_timeout}"),
+            (self.games == "official" or self.env == "alfworld", "--games generated is for --env alfworld"),
+            (0 <= self.game_level < len(LEVELS), f"--game_level must be from 0 to {len(LEVELS) - 1}"),
+            (not self.task_types or self.env == "alfworld", "--task_types applies to --env alfworld only"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        parse_options(self.env_options)
+
+    @property
+    def env_kwargs(self):
+        return env_options(self.env_options, self.games, self.game_level)
+
+    def train_games(self, seed):
+        """The game ids to train on, as the environment lists them."""
+        return list_games(self.env, self.train_split, self.num_train_games, self.task_types, seed, self.env_kwargs)
 
 
 def make_env(env_name, game, options=None):

@@ -23,14 +23,14 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 from trl import ModelConfig
 
-from alfworld_gen import LEVELS, game_specs, resolve
+from alfworld_gen import LEVELS
 from env_workers import EnvWorkers
-from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, list_games, parse_options
-from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
+from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, env_options, list_games
 from memory_estimate import PROMPT_TOKENS
-from plan import HEADROOM, fit_eval_batch, gpu_memory_gib
+from models import ModelMissing, hardware_dtype, load_model
+from plan import HEADROOM, fit_eval_batch, gpu_memory_gib, planned_shape
+from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
 from tiny_model import tiny_model_path
-from train_paw import ModelMissing, hardware_dtype, load_model, planned_shape
 
 SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
 
@@ -118,12 +118,9 @@ def parse_args(argv=None):
             parser.error(f"{args.model_name_or_path} does not fit a {card_gib(args):.1f} GiB GPU even one episode at "
                          "a time by memory_estimate.py: add --load_in_4bit or lower --max_completion_length")
     try:
-        args.env_kwargs = parse_options(args.env_options)
-        if args.games == "generated":  # a split's own seed range: never the games trained on
-            args.game_files = [resolve(spec, args.game_level) for spec in game_specs(args.split, args.num_games or 120)]
-        else:
-            args.game_files = list_games(args.env, args.split, args.num_games or 0,
-                                         seed=0 if args.num_games else None, options=args.env_kwargs)
+        args.env_kwargs = env_options(args.env_options, args.games, args.game_level)
+        args.game_files = list_games(args.env, args.split, args.num_games or 0, seed=0 if args.num_games else None,
+                                     options=args.env_kwargs)
     except (DataMissing, ValueError) as error:
         parser.error(str(error))
     return args

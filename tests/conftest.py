@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,3 +53,17 @@ def unseen_games():
     from envs import list_games
 
     return list_games("alfworld", "eval_out_of_distribution")
+
+
+@pytest.fixture(scope="session")
+def smol_path(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session (about 40 s) into a temporary folder removed afterwards
+    (538 MB)."""
+    import smollm2
+
+    folder = tmp_path_factory.mktemp("smollm2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PAW_SMOLLM2_DIR", str(folder / "model"))
+        path = smollm2.smollm2_path()
+    yield path
+    shutil.rmtree(folder)

@@ -14,7 +14,8 @@ import pytest
 from alfworld.gen import constants
 
 import alfworld_gen
-from alfworld_gen import LEVELS, TASK_TYPES, Curriculum, generate_game, play_walkthrough, write_games
+from alfworld_gen import LEVELS, TASK_TYPES, Curriculum, generate_game, write_games
+from envs import play_walkthrough
 from envs import NOTHING_HAPPENS, alfworld_task_type
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,8 +207,9 @@ def test_cli_writes_games_and_requires_an_output_folder(tmp_path, capsys):
         alfworld_gen.main(["--level", "1"])
 
 
-def test_bench_prints_official_and_generated_rows_side_by_side(unseen_games, capsys):
-    alfworld_gen.main(["bench", "--levels", "0", "--per_type", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+def test_bench_prints_official_and_generated_rows_side_by_side(unseen_games):
+    import bench
+
+    rows = [line for line in bench.game_levels([0], per_type=1).splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| official valid_unseen", "| generated, level 0"]
     assert all(row.endswith("| 6/6 |") for row in rows[1:])

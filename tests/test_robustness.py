@@ -2,7 +2,6 @@
 left it, and NaN or inf gradients are skipped, then stop the run if they keep coming."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

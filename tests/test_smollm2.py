@@ -6,7 +6,6 @@ It comes from a PyPI package (smollm2.py): without it every test here fails with
 
 import importlib.util
 import json
-import shutil
 
 import bitsandbytes
 import pytest
@@ -31,17 +30,6 @@ GAME_FLAGS = ["--env", "alfworld", "--games", "generated", "--game_level", "0", 
 CPU_FLAGS = ["--use_cpu", "true", "--bf16", "false", "--dtype", "float32", "--report_to", "none"]
 RL_FLAGS = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--max_env_steps", "2", "--max_action_tokens", "16", "--max_completion_length", "512", "--max_steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def smol_path(tmp_path_factory):
-    """The model converted once for this module (about 40 s), into a temporary folder removed afterwards (538 MB)."""
-    folder = tmp_path_factory.mktemp("smollm2")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PAW_SMOLLM2_DIR", str(folder / "model"))
-        path = smollm2.smollm2_path()
-    yield path
-    shutil.rmtree(folder)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import json
 import os
 
 import pytest
-from transformers import AutoTokenizer
 
 import eval as evaluation
 import study
 from env_workers import EnvWorkers
+from models import load_tokenizer
 from rollout import ChatFormat
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,11 +24,13 @@ def quick(tmp_path_factory):
 
 def held_out_success(policy, settings):
     """The success of eval.py's `random` or `expert` policy on the study's held-out games, with its step budget."""
-    args = study.held_out_games(settings["eval_games"])
-    args.policy = policy
+    runs = settings["runs"]
+    args = evaluation.parse_args(["--policy", policy, "--env", runs["env"], "--games", runs["games"], "--game_level",
+                                  str(runs["game_level"]), "--split", settings["eval_split"], "--num_games",
+                                  str(settings["eval_games"]), "--max_env_steps", str(runs["max_env_steps"])])
     workers = EnvWorkers(args.env_workers, args.env_timeout)
     try:
-        chat = ChatFormat(AutoTokenizer.from_pretrained(settings["agent"]))
+        chat = ChatFormat(load_tokenizer(settings["model"]))
         return evaluation.play_and_summarize(args, chat, None, workers)[0]["success_rate"]["mean"]
     finally:
         workers.close()

@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import alfworld_gen
 import train_paw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +94,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_at_its_curriculum_level(tiny_p
 
     monkeypatch.setattr(train_paw, "play", play_or_die)
     # The tiny model never wins: let every rollout earn a promotion, to see the level travel through a checkpoint.
-    monkeypatch.setattr(train_paw.Curriculum, "update", lambda self, successes: setattr(self, "level", self.level + 1))
+    monkeypatch.setattr(alfworld_gen.Curriculum, "update",
+                        lambda self, successes: setattr(self, "level", self.level + 1))
     with pytest.raises(KeyboardInterrupt):
         train_paw.main(args)
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
@@ -123,7 +125,8 @@ def test_generated_games_train_offline_with_no_alfworld_data_at_all(tiny_path, t
     (["--cmae_rho", "1.5"], "--cmae_rho must be in (0, 1]"),
     (["--num_generations", "3", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"],
      "must be divisible by num_generations (3)"),
-    (["--env", "minecraft"], "invalid choice: 'minecraft'"),
+    (["--env", "minecraft"], "--env minecraft: unknown; one of alfworld, webshop, search"),
+    (["--gpu", "tpu9"], "--gpu tpu9: unknown card; one of t4, l4,"),
     (["--wm", "dreamer"], "invalid choice: 'dreamer'"),
     (["--temperature", "0.7"], "--wm echo/paw needs --temperature 1.0"),
     (["--task_types", "Sleep"], "invalid choice: 'Sleep'"),

@@ -1,0 +1,86 @@
+"""What keeps a days-long run going (README, "Long runs"): resuming from the newest checkpoint whose save finished,
+the curriculum saved with each checkpoint, and optimizer steps with a NaN or inf gradient skipped."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+CURRICULUM_FILE = "curriculum.json"
+
+
+def last_complete_checkpoint(output_dir, needs=()):
+    """The newest checkpoint-N folder whose save finished, or None. transformers writes trainer_state.json after the
+    weights, optimizer, scheduler and RNG states, and our callbacks write theirs (`needs`) after it: a run killed
+    during a save leaves a newer folder without them, which is passed over."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            if all((folder / name).is_file() for name in needs):
+                return str(folder)
+        except (OSError, ValueError):  # missing, or cut off mid-write
+            pass
+        print(f"{folder} is incomplete (its save was interrupted): passed over", file=sys.stderr)
+    return None
+
+
+def checkpoint_to_resume(resume, output_dir, needs=()):
+    """--resume_from_checkpoint as a folder: `last` (or `true`) is the newest complete checkpoint in output_dir, or
+    None, so that the same command starts a run and resumes it; a folder must hold a checkpoint (ValueError)."""
+    if resume in ("true", "last"):
+        found = last_complete_checkpoint(output_dir, needs)
+        print(f"resuming from {found}" if found else f"no checkpoint in {output_dir} yet: starting from step 0",
+              file=sys.stderr)
+        return found
+    if resume and not (Path(resume) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint there (a checkpoint-N folder with "
+                         "trainer_state.json); `--resume_from_checkpoint last` takes the newest in --output_dir")
+    return resume
+
+
+class CurriculumCheckpoint(TrainerCallback):
+    """Saves the curriculum with each checkpoint, so that --resume_from_checkpoint continues at its level."""
+
+    def __init__(self, curriculum, resumed_from=None):
+        self.curriculum = curriculum
+        saved = resumed_from and Path(resumed_from) / CURRICULUM_FILE
+        if saved and saved.exists():
+            curriculum.load_state_dict(json.loads(saved.read_text()))
+
+    def on_save(self, args, state, control, **kwargs):
+        saved = json.dumps(self.curriculum.state_dict())
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / CURRICULUM_FILE).write_text(saved)
+
+
+class SkipNonFiniteSteps(TrainerCallback):
+    """A NaN or inf gradient never reaches the weights: that optimizer step is skipped (every gradient is dropped, and
+    the optimizer leaves parameters with no gradient alone). The check runs on the gradients after they are summed
+    over micro-batches and processes, so every process skips the same steps. `limit` skipped steps in a row stop the
+    run (`stopped`)."""
+
+    def __init__(self, limit):
+        self.limit, self.in_a_row, self.skipping, self.stopped = limit, 0, False, False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        self.skipping = bool(gradients) and not bool(torch.stack([g.isfinite().all() for g in gradients]).all())
+        if self.skipping:
+            for parameter in model.parameters():
+                parameter.grad = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.in_a_row = self.in_a_row + 1 if self.skipping else 0
+        if self.skipping:
+            print(f"warning: step {state.global_step}: a NaN or inf gradient; the optimizer step was skipped "
+                  f"({self.in_a_row} in a row, the run stops at {self.limit})", file=sys.stderr)
+        if self.in_a_row >= self.limit:
+            self.stopped = control.should_training_stop = True
+
+    def stop_message(self, output_dir, step):
+        last = last_complete_checkpoint(output_dir)
+        return (f"{self.limit} optimizer steps in a row had a NaN or inf gradient, so the run stopped at step {step} "
+                f"(none of them changed the weights). Try a lower --learning_rate or --max_grad_norm; "
+                + (f"{last} is intact." if last else "no checkpoint was saved."))
