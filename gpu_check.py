@@ -200,7 +200,7 @@ def run_argv(folder, options, steps, output_dir, on_gpu):
 def estimates(argv, card):
     """The plan's settings for the run of `argv`, and memory_estimate's peak and step time of it (the worst case:
     every reply at its cap); no time without a card."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # the run prints it
+    with contextlib.redirect_stdout(io.StringIO()):  # the run prints the plan; errors and warnings still show
         paw, args, model_args = train_paw.parse_args(argv)
     shape = load_shape(model_args.model_name_or_path)
     time_estimate = step_time(shape, card, paw, args, model_args) if card else None

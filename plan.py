@@ -130,10 +130,12 @@ def step_time(shape, card, paw, args, model_args, typical=False, **layout):
         env_reset_s=env.reset_seconds, env_step_s=env.step_seconds)
 
 
-def faster_runs(shape, card, card_gib, paw, args, model_args, given=frozenset(), hours=HOURS_PER_SESSION):
-    """Flags that finish the run in about `hours` on `card`, by the estimates: fewer steps, and the largest smaller
-    preset model (Qwen2.5, Llama 3.2) that does all the steps with the layout the plan would give it."""
-    options = [{"max_steps": int(hours * 3600 / step_time(shape, card, paw, args, model_args)["step"])}]
+def faster_runs(step_seconds, shape, card, card_gib, paw, args, model_args, given=frozenset(),
+                hours=HOURS_PER_SESSION):
+    """Flags that finish the run (`step_seconds` a step) in about `hours` on `card`, by the estimates: fewer steps,
+    and the largest smaller preset model (Qwen2.5, Llama 3.2) that does all the steps with the layout the plan would
+    give it."""
+    options = [{"max_steps": int(hours * 3600 / step_seconds)}]
 
     def size(preset):
         return sum(parameter_counts(preset)[:2])
@@ -212,8 +214,8 @@ def describe_time(shape, card, card_gib, paw, args, model_args, given=frozenset(
     ]
     warning = None
     if total > 2 * HOURS_PER_SESSION * 3600:
-        options = " or ".join(as_flags(flags) for flags in faster_runs(shape, card, card_gib, paw, args, model_args,
-                                                                         given))
+        options = " or ".join(as_flags(flags) for flags in faster_runs(worst["step"], shape, card, card_gib, paw,
+                                                                         args, model_args, given))
         warning = (f"warning: by the estimate this run takes {duration(total)} on the {card.name}, over two "
                    f"{HOURS_PER_SESSION}-hour sessions; about {HOURS_PER_SESSION} h: {options}")
     return "\n".join(lines), warning
