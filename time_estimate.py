@@ -45,11 +45,11 @@ HOST_LINEAR_NESTED = {"fused": 0.036e-3, "dequantize": 0.040e-3}
 # LoRA's unmerged adapters (cast, two matmuls, scale, add on each linear): +45-50% of generate's time in
 # huggingface/peft issue 957, +100% in issue 303 (card and model sizes not stated), as a fraction of a 16-bit layer.
 HOST_LORA = {"low": 0.45, "high": 1.0}
-# How fast each calibration machine's host runs these calls, against bitsandbytes' H100 machine. Fitted to the rows
-# where the host bounds decoding: bitsandbytes' T4 rows at batch 1 (NF4 60.8 ms, NF4 + DQ 73.6 ms over 36 layers);
-# its RTX 4090 rows at batch 1 (Llama-3.1-8B and Qwen2.5-14B in NF4 and NF4 + DQ: 14.8-25.6 ms, a desktop CPU);
-# optimum's A100 rows of Llama-2-13B in fp16 at batch 1-4 (37.0-37.9 ms / 40 layers; transformers of August 2023);
-# Colab's T4 running Qwen2.5-0.5B in fp16 at batch 1 (24.4 tokens/s over 24 layers).
+# How long each calibration machine's host takes for these calls, against bitsandbytes' H100 machine (2.25: 2.25x as
+# long). Fitted to the rows where the host bounds decoding: bitsandbytes' T4 rows at batch 1 (NF4 60.8 ms, NF4 + DQ 73.6
+# ms over 36 layers); its RTX 4090 rows at batch 1 (Llama-3.1-8B and Qwen2.5-14B in NF4 and NF4 + DQ: 14.8-25.6 ms, a
+# desktop CPU); optimum's A100 rows of Llama-2-13B in fp16 at batch 1-4 (37.0-37.9 ms / 40 layers; transformers of
+# August 2023); Colab's T4 running Qwen2.5-0.5B in fp16 at batch 1 (24.4 tokens/s over 24 layers).
 HOST_SPEED = {"bnb-h100": 1.0, "bnb-t4": 1.6, "bnb-4090": 0.44, "optimum-a100": 1.21, "colab-t4": 2.25}
 
 # --- The GPU: fractions of the published bandwidth and peak (gpu_cards.py) reached at decoding's small batches -------
