@@ -1,16 +1,22 @@
 """Measure the plan on the card in front of you, in minutes, with no download: memory and time of real PaW steps
-against the estimates the plan printed (memory_estimate.py).
+against the estimates the plan printed (memory_estimate.py, time_estimate.py).
 
     python gpu_check.py                           # the shapes that fit this card, in about 15 minutes at most
     python gpu_check.py --minutes 8 --output gpu_check.json
 
 It builds Qwen2.5-0.5B, 1.5B and 7B-Instruct with random weights from their exact configurations (QWEN below),
-loads each as train_paw.py does (NF4 + LoRA; fp16 on cards without bf16) and runs a few real train_paw.py steps
-with the plan train_paw.py makes for this card. The environment has ALFWorld's longest token lengths (a 600-token
-prompt, 500 tokens fed per turn) and every reply runs to its token cap: the worst case the estimates assume. No
-ALFWorld, no Hub. It prints, per shape, the peak memory and the seconds of a step against their estimates, and writes
-a JSON to paste into an issue. The smallest shapes go first, and a shape runs only if its estimated time fits what
-is left of --minutes (it says which it skips). With no GPU it runs the same code at smoke size, which CI does.
+loads each as train_paw.py does (with LoRA; NF4, or a 16-bit base where the plan picks one; fp16 on cards without
+bf16) and runs a few real train_paw.py steps with the plan train_paw.py makes for this card. The environment has
+ALFWorld's longest token lengths (a 600-token prompt, 500 tokens fed per turn) and every reply runs to its token cap:
+the worst case the estimates assume. No ALFWorld, no Hub. It prints, per shape, the peak memory and the seconds of a
+step against their estimates, and writes a JSON to paste into an issue. The smallest shapes go first, and a shape
+runs only if its estimated time fits what is left of --minutes at the time estimate's high end (it says which it
+skips). With no GPU it runs the same code at smoke size, which CI does.
+
+Each shape's JSON holds the estimate at both ends, and "measurement": the step as a row of calibration.py, the table
+the time estimate is fitted to. `python calibration.py gpu_check.json` prints your rows beside the published ones;
+pasting `Measurement(**row)` into calibration.MEASUREMENTS makes tests/test_time_estimate.py check the estimate
+against your card too.
 """
 
 import argparse
@@ -27,7 +33,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import bitsandbytes
 import torch
+import transformers
 
 import envs
 from envs import Step
@@ -37,9 +45,9 @@ SHAPED = "alfworld-shaped"
 envs.ENVIRONMENTS[SHAPED] = f"{__name__}:ShapedEnv"
 
 import train_paw  # noqa: E402
-from gpu_cards import CARDS, Card, find_card  # noqa: E402
+from gpu_cards import CARDS, SMOKE_CPU, find_card  # noqa: E402
 from memory_estimate import GIB, PRESETS, PROMPT_TOKENS, TURN_TOKENS, load_shape, parameter_counts  # noqa: E402
-from plan import HEADROOM, gpu_memory_gib, gpu_name, run_peak, step_time  # noqa: E402
+from plan import HEADROOM, gpu_memory_gib, gpu_name, run_peak, step_settings, step_time  # noqa: E402
 from models import load_tokenizer  # noqa: E402
 from rollout import ChatFormat  # noqa: E402
 from tiny_model import TINY_SHAPE, cached, tiny_model_path  # noqa: E402
@@ -63,9 +71,7 @@ QWEN = {
 SMOKE = "tiny"  # with no GPU: the tiny model's shape, and a run of smoke size
 SMOKE_FLAGS = ["--num_generations", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                "--max_env_steps", "3", "--max_action_tokens", "16", "--max_completion_length", "2048"]
-# With no GPU, the time estimate needs a "card": one core of our CI machine (bench.py's training step runs at about
-# 50 GFLOP/s) and a memory bandwidth we assume. The comparison only shows that both sides are computed.
-CPU = Card("CPU (smoke size)", 0, 10, 0.05, False, "cpu", "", "bench.py on our 2-core CPU; bandwidth assumed")
+CPU = SMOKE_CPU  # with no GPU, the time estimate's "card" (gpu_cards.py)
 SETUP_SECONDS_PER_GB = 10  # writing a random checkpoint, then loading and quantising it (our assumption)
 
 
@@ -198,17 +204,17 @@ def run_argv(folder, options, steps, output_dir, on_gpu):
 
 
 def estimates(argv, card):
-    """The plan's settings for the run of `argv`, and memory_estimate's peak and step time of it (the worst case:
-    every reply at its cap); no time without a card."""
+    """The plan's settings for the run of `argv`, memory_estimate's peak, and time_estimate's step at its high and
+    low ends with the arguments it took (the worst case: every reply at its cap); no time without a card."""
     with contextlib.redirect_stdout(io.StringIO()):  # the run prints the plan; errors and warnings still show
         paw, args, model_args = train_paw.parse_args(argv)
     shape = load_shape(model_args.model_name_or_path)
-    time_estimate = step_time(shape, card, paw, args, model_args) if card else None
+    times = [step_time(shape, card, paw, args, model_args, end=end) for end in ("high", "low")] if card else [None] * 2
     settings = {key: getattr(args, key) for key in ("per_device_train_batch_size", "gradient_accumulation_steps",
                                                     "max_completion_length", "num_generations")}
     settings.update(max_action_tokens=paw.max_action_tokens, max_env_steps=paw.max_env_steps,
                     load_in_4bit=model_args.load_in_4bit, dtype=model_args.dtype, lora_r=model_args.lora_r)
-    return settings, run_peak(shape, paw, args, model_args), time_estimate
+    return settings, run_peak(shape, paw, args, model_args), times, step_settings(paw, args, model_args)
 
 
 def measure(argv):
@@ -237,25 +243,36 @@ def measure(argv):
 def check(name, card, cache, options, steps, on_gpu):
     """One shape: its run measured, and the estimates of the same run."""
     with tempfile.TemporaryDirectory() as output_dir:
-        argv = run_argv(model_folder(name, cache), options, steps, output_dir, on_gpu)
-        settings, peak, time_estimate = estimates(argv, card)
+        folder = model_folder(name, cache)
+        argv = run_argv(folder, options, steps, output_dir, on_gpu)
+        settings, peak, (time_estimate, low), arguments = estimates(argv, card)
         start = time.time()
         measured, memory = measure(argv)
     last = measured[-1]  # the first step also pays for warming up (kernels, allocator)
-    estimated = {"peak_gib": peak}
-    if time_estimate:
-        estimated.update({key: time_estimate[key] for key in ("step", "rollout", "training", "generated_tokens_per_s",
-                                                              "turns")})
+    estimated, row = {"peak_gib": peak}, {}
+    keys = ("step", "rollout", "training", "generated_tokens_per_s", "turns")
+    if time_estimate:  # the high end (what the budget plans for), and the low end
+        estimated.update({key: time_estimate[key] for key in keys}, low_end={key: low[key] for key in keys})
+        # a calibration.py row of this step: Measurement(**row) joins it to the published ones
+        key = next((key for key, known in CARDS.items() if known == card), "cpu")
+        row = dict(kind="rl_step", card=key, machine="", model=name if name in PRESETS else str(folder),
+                   quantization=("nf4-dq" if settings["load_in_4bit"] and arguments["double_quant"] else
+                                 "nf4" if settings["load_in_4bit"] else "16bit"),
+                   batch=arguments["rollout_episodes"], prompt_tokens=PROMPT_TOKENS,
+                   new_tokens=settings["max_action_tokens"], seconds=last["step_s"], lora_r=arguments["lora_r"],
+                   software=f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes "
+                            f"{bitsandbytes.__version__}, random weights", source=f"gpu_check.py on {gpu_name()}",
+                   settings=arguments)
     return {"model": name, "weights": "random", "settings": settings, "steps": measured, "wall_s": time.time() - start,
             "measured": {**memory, "step_s": last["step_s"], "rollout_s": last["rollout_s"],
                          "training_s": last["training_s"], "generated_tokens_per_s": last["generated_tokens_per_s"]},
-            "estimated": estimated}
+            "estimated": estimated, "measurement": row}
 
 
 def planned_seconds(name, card, options, steps):
     """What a shape should cost by the estimates, before its model is written: the setup and `steps` steps of the
     plan for this GPU; None where nothing fits its memory by the estimate."""
-    _, peak, time_estimate = estimates(run_argv(name, options, steps, "unused", on_gpu=True), card)
+    _, peak, (time_estimate, _), _ = estimates(run_argv(name, options, steps, "unused", on_gpu=True), card)
     if peak > HEADROOM * gpu_memory_gib():
         return None
     return 2 * sum(parameter_counts(PRESETS[name])[:2]) / 1e9 * SETUP_SECONDS_PER_GB + steps * time_estimate["step"]

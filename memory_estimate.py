@@ -4,6 +4,8 @@
     python memory_estimate.py --model Qwen/Qwen2.5-1.5B-Instruct --max_completion_length 3072
     python memory_estimate.py --model path/to/model_folder # any local folder or config.json
 
+Its time on each card: time_estimate.py.
+
 A run alternates two phases that never overlap in time:
 - rollout: every episode of a generation batch decodes together (rollout.ModelPolicy): weights + KV cache + logits;
 - training: one micro-batch forward/backward at a time: weights + gradients + activations.
@@ -31,9 +33,6 @@ Checked against published figures (see the tests):
 import argparse
 import os
 from dataclasses import dataclass
-
-from envs import env_class
-from gpu_cards import CARDS, find_card
 
 GIB = 2**30
 HALF = 2  # bytes of a bf16/fp16 value: compute dtype, 16-bit weights, KV cache, activations
@@ -195,112 +194,6 @@ def estimate(shape_or_config, *, quantization="nf4", lora_r=DEFAULTS["lora_r"],
     return e
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Time: an ESTIMATE of the seconds an RL step takes on a card (gpu_cards.py), from its published peak and bandwidth
-# ----------------------------------------------------------------------------------------------------------------
-
-# How close our code paths come to a card's published figures: assumptions, each with where it comes from
-# (../shared/notes/gpu-cards.md, "Calibration"). gpu_check.py measures what they add up to on the card in front of you.
-MEMORY_EFFICIENCY = 0.8  # of the bandwidth, reading 16-bit weights: gpt-fast moved 910 of a 4090's 1008 GB/s (C11);
-# transformers' eager kernels less
-# bitsandbytes' 4-bit decoding against 16-bit weights, per architecture, as its 0.40 release measured it (C7):
-# reading 3.9x fewer bytes gains less than that on older cards.
-NF4_DECODE_SPEEDUP = {"turing": 2.2, "ampere": 3.4, "ada": 4.0, "hopper": 4.0, "cpu": 1.0}  # cpu: gpu_check's smoke
-PREFILL_EFFICIENCY = 0.5  # of the dense peak, for a prefill forward (decoding's few FLOPs too): big GEMMs reach 70-95%
-# (C5), but a forward also runs attention with a padding mask, norms and LoRA's thin matmuls
-TRAIN_EFFICIENCY = 0.35  # of the dense peak, for forward + recompute + backward: LLM training reaches 30-50% MFU
-# (C1-C4), one GPU and small models the low end (C6: 32-38%); the recompute is counted, so this is of hardware FLOPs
-HOST_SECONDS_PER_LAYER = 0.7e-3  # Python and kernel launches of one decoder layer in one forward call (LoRA's extra
-# matmuls and casts, bitsandbytes on 7 linears): our assumption. C12 measured 1.7 ms a layer per decoded token for
-# Qwen2.5-0.5B in plain fp16 on Colab's host CPU; on a fast host, decoding small batches is bound by this, not the GPU
-HOST_SECONDS_PER_DECODE_STEP = 3e-3  # generate's loop around the model: sampling, our log-prob recorder over the
-# vocabulary, stopping checks (our assumption)
-DEQUANTIZE_ABOVE = 1536  # rows (tokens) above which bitsandbytes 0.50 turns a 4-bit weight into a 16-bit copy before
-# the matmul instead of using its fused 4-bit kernel (bitsandbytes/backends/cuda/ops.py, _gemm_4bit_custom_max_m)
-# A typical turn, against the worst case's full-length reply and TURN_TOKENS (shared/notes/alfworld-token-budget.md):
-TYPICAL_REPLY_TOKENS = 70  # a short thought (about 60 tokens) and the action in its tags (about 10)
-TYPICAL_TURN_TOKENS = 210  # observation (mean 23) + admissible list (mean 173) + chat headers
-HOURS_PER_SESSION = 12  # a Colab or Kaggle session
-
-
-def episode_turns(max_completion_length, max_env_steps, reply_tokens, turn_tokens):
-    """(turns, completion tokens) of an episode whose every turn is a reply of `reply_tokens` and the environment's
-    `turn_tokens`, and which never ends early: rollout.play starts no turn once the completion reaches its cap."""
-    per_turn = reply_tokens + turn_tokens
-    turns = min(max_env_steps, -(-max_completion_length // per_turn))
-    return turns, min(max_completion_length, turns * per_turn)
-
-
-def estimate_time(shape, card, *, quantization="nf4", lora_r=DEFAULTS["lora_r"], double_quant=True,
-                  episodes=DEFAULTS["per_device_train_batch_size"] * DEFAULTS["gradient_accumulation_steps"],
-                  rollout_episodes=None, micro_batch=DEFAULTS["per_device_train_batch_size"],
-                  max_completion_length=DEFAULTS["max_completion_length"], reply_tokens=DEFAULTS["max_action_tokens"],
-                  max_env_steps=20, turn_tokens=TURN_TOKENS, prompt_tokens=PROMPT_TOKENS, reuse_cache=True,
-                  gradient_checkpointing=True, rollouts_per_step=1.0, env_workers=8, env_reset_s=0.0,
-                  env_step_s=0.0):
-    """Seconds of one optimizer step on `card` (a gpu_cards.Card), by phase: an ESTIMATE (see the constants above).
-
-    episodes: trained on per step (per process); rollout_episodes: decoded together (default: episodes).
-    reply_tokens: every reply's length (max_action_tokens for the worst case). The rollout: every turn each live
-    episode prefills its new tokens (compute-bound), then decodes its reply one token per step (reading every weight
-    and the KV cache, or the host's Python and kernel launches, whichever is slower), then the environments step in
-    `env_workers` processes. Training: forward, recompute (gradient checkpointing) and backward over every token of
-    every episode; a frozen base (LoRA) needs no weight gradients. Not counted: the optimizer step, TRL's scoring,
-    --beta's reference forward and --num_iterations' extra forward.
-    """
-    s, B = shape, rollout_episodes or episodes
-    linear, _, lora = parameter_counts(s, lora_r)
-    head = s.vocab * s.hidden
-    attention = s.heads * s.head_dim
-    kv_bytes = 2 * s.kv_heads * s.head_dim * HALF * s.layers  # per token, all layers
-    bandwidth, peak = card.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY, card.tflops * 1e12
-    nf4 = quantization == "nf4"
-    dequantize = linear * (NF4_BYTES[double_quant] + 2 * HALF) / bandwidth  # read 4-bit, write and read 16-bit
-    turns, completion = episode_turns(max_completion_length, max_env_steps, reply_tokens, turn_tokens)
-
-    def forward_flops(tokens, context):  # linears and LoRA, plus attention to `context` keys; no LM head
-        return tokens * (2 * (linear + lora) + 4 * context * attention * s.layers)
-
-    def prefill(new, context):  # B episodes feed `new` tokens each, reading `context` keys
-        gpu = (forward_flops(B * new, context) + B * 2 * head) / (peak * PREFILL_EFFICIENCY)  # logits: last position
-        gpu += dequantize if nf4 and B * new > DEQUANTIZE_ABOVE else 0
-        return max(gpu, s.layers * HOST_SECONDS_PER_LAYER)
-
-    weights_read = (linear * HALF / (NF4_DECODE_SPEEDUP[card.architecture] if nf4 else 1) + head * HALF
-                    + lora * FP32) / bandwidth
-
-    def decode(context):  # one decoding step of B episodes at `context` tokens
-        compute = B * (forward_flops(1, context) + 2 * head) / (peak * PREFILL_EFFICIENCY)
-        gpu = max(compute, weights_read + B * context * kv_bytes / bandwidth)
-        return max(gpu, s.layers * HOST_SECONDS_PER_LAYER + HOST_SECONDS_PER_DECODE_STEP)
-
-    t = {"prefill": 0.0, "decode": 0.0}
-    waves = -(-B // max(env_workers, 1))  # environments per worker, one after another
-    t["environment"] = waves * (env_reset_s + turns * env_step_s)
-    for turn in range(turns):
-        start = prompt_tokens + turn * (reply_tokens + turn_tokens)  # the context before this turn's new tokens
-        new = prompt_tokens if turn == 0 else turn_tokens
-        t["prefill"] += prefill(new if reuse_cache else start, start)
-        t["decode"] += reply_tokens * decode(start + reply_tokens / 2)
-    t["rollout"] = t["prefill"] + t["decode"] + t["environment"]
-
-    rows = prompt_tokens + completion  # a micro-batch row, padded to the longest
-    passes = 3 if gradient_checkpointing else 2  # forward, recompute, backward: each multiplies by every weight
-    # FLOPs per weight and token: 2 a pass, and 2 more for the weight gradient of what trains (LoRA: the adapters)
-    trained, frozen = 2 * passes + 2, 2 * passes + (0 if lora_r else 2)
-    # Attention to every key (a padding mask: no causal skipping); its backward costs twice its forward.
-    layer_flops = rows * (frozen * linear + trained * lora + 4 * rows * attention * s.layers * (passes + 1))
-    head_flops = completion * 2 * head * (2 if lora_r else 3)  # TRL's LM head: completion tokens, not recomputed
-    micro = (micro_batch * (layer_flops + head_flops) / (peak * TRAIN_EFFICIENCY)
-             + (passes * dequantize if nf4 else 0))
-    t["training"] = -(-episodes // micro_batch) * micro
-    t["step"] = rollouts_per_step * t["rollout"] + t["training"]
-    generated = B * turns * reply_tokens
-    t.update(turns=turns, completion_tokens=completion, generated_tokens=generated,
-             generated_tokens_per_s=generated / t["rollout"], train_tokens=episodes * rows)
-    return t
-
-
 ROWS = [
     ("resident for the whole run", None),
     ("weights", "weights (embeddings and lm_head stay 16-bit)"),
@@ -349,23 +242,6 @@ def format_table(e, s, model, quantization, lora_r, double_quant, rollout_episod
     return "\n".join(lines)
 
 
-def format_time_table(shape, cards, max_steps, **settings):
-    """The time estimate on each of `cards` as a small table: a step at worst and typically, and the whole run."""
-    lines = [f"ESTIMATE (not measured) of the time of the same run, {max_steps} steps; worst case: every reply at its "
-             f"{settings['reply_tokens']}-token cap; typical: {TYPICAL_REPLY_TOKENS}-token replies",
-             f"{'card':<16}{'step, worst':>12}{'rollout':>9}{'training':>9}{'step, typical':>15}"
-             f"{'run, worst':>12}{'12 h sessions':>15}"]
-    for card in cards:
-        worst = estimate_time(shape, card, **settings)
-        typical = estimate_time(shape, card, **{**settings, "reply_tokens": min(TYPICAL_REPLY_TOKENS,
-                                                                                settings["reply_tokens"]),
-                                                "turn_tokens": TYPICAL_TURN_TOKENS})
-        hours = max_steps * worst["step"] / 3600
-        lines.append(f"{card.name:<16}{worst['step']:>11.0f}s{worst['rollout']:>8.0f}s{worst['training']:>8.0f}s"
-                     f"{typical['step']:>14.0f}s{hours:>11.1f}h{-(-hours // HOURS_PER_SESSION):>15.0f}")
-    return "\n".join(lines)
-
-
 def boolean(text):
     if text.lower() in ("true", "1", "yes"):
         return True
@@ -374,8 +250,9 @@ def boolean(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+def arguments(description):
+    """train_paw.py's flags that the estimates read (the same names and defaults); time_estimate.py adds its own."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     flag = parser.add_argument
     flag("--model", "--model_name_or_path", default="Qwen/Qwen2.5-7B-Instruct",
          help=f"a preset ({', '.join(PRESETS)}) or a local model folder or config.json")
@@ -392,12 +269,12 @@ def main(argv=None):
     flag("--prompt_tokens", type=int, default=PROMPT_TOKENS, help="tokens of an episode's prompt")
     flag("--turn_tokens", type=int, default=TURN_TOKENS, help="tokens prefilled at the start of a turn")
     flag("--reuse_cache", type=boolean, nargs="?", const=True, default=True)
-    flag("--overhead_gib", type=float, default=1.0, help="CUDA context and allocator slack")
-    flag("--gpu", help=f"the time on this card only ({', '.join(CARDS)}; default: every card)")
-    flag("--max_env_steps", type=int, default=20, help="actions per episode")
-    flag("--max_steps", type=int, default=200, help="optimizer steps of the run")
-    flag("--env", default="alfworld", choices=["alfworld", "webshop", "search"], help="whose step and reset times")
-    flag("--env_workers", type=int, default=min(8, os.cpu_count() or 1), help="processes that run environments")
+    return parser
+
+
+def main(argv=None):
+    parser = arguments(__doc__.split("\n")[0])
+    parser.add_argument("--overhead_gib", type=float, default=1.0, help="CUDA context and allocator slack")
     args = parser.parse_args(argv)
     episodes = args.per_device_train_batch_size * args.gradient_accumulation_steps
     settings = dict(
@@ -410,22 +287,10 @@ def main(argv=None):
     try:
         shape = load_shape(args.model)
         e = estimate(shape, overhead_gib=args.overhead_gib, **settings)
-        cards = [find_card(args.gpu)] if args.gpu else list(CARDS.values())
-        if None in cards:
-            raise ValueError(f"--gpu {args.gpu}: unknown card; one of {', '.join(CARDS)}")
-    except (ValueError, OSError) as error:  # an unknown model or card, an unreadable config, NF4 without LoRA
+    except (ValueError, OSError) as error:  # an unknown model, an unreadable config, NF4 without LoRA
         parser.error(str(error))
     print(format_table(e, shape, args.model, **settings))
-    env = env_class(args.env)
-    print()
-    print(format_time_table(
-        shape, cards, args.max_steps, quantization=settings["quantization"], lora_r=settings["lora_r"],
-        double_quant=args.use_bnb_nested_quant, episodes=episodes, rollout_episodes=settings["rollout_episodes"],
-        micro_batch=args.per_device_train_batch_size, max_completion_length=args.max_completion_length,
-        reply_tokens=args.max_action_tokens, max_env_steps=args.max_env_steps, turn_tokens=args.turn_tokens,
-        prompt_tokens=args.prompt_tokens, reuse_cache=args.reuse_cache, rollouts_per_step=episodes / settings[
-            "rollout_episodes"], env_workers=args.env_workers, env_reset_s=env.reset_seconds,
-        env_step_s=env.step_seconds))
+    print("\n(the time of the same run on each card: python time_estimate.py with the same flags)")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """The run fitted to the machine, decided before anything loads: on a GPU, the token cap and micro-batch whose
-estimated peak memory (memory_estimate.py) stays under the card, and how long it should take; with no GPU, the CPU
-agent.
+estimated peak memory (memory_estimate.py) stays under the card, and how long it should take (time_estimate.py: a
+low-high range); with no GPU, the CPU agent.
 
     python train_paw.py --dry_run                 # this machine's plan, printed before it exits
     python train_paw.py --gpu t4 --dry_run        # the plan for a card you do not have (gpu_cards.py)
 
 Every flag you pass (on the command line or in --config) wins over the plan. If your own flags do not fit, the plan
 says so, with the estimate, before the model loads; so does a run that would take more than two 12-hour sessions.
-The numbers are ESTIMATES (memory_estimate.py), not measurements. After an out-of-memory, the advice comes from here.
+The numbers are ESTIMATES (memory_estimate.py, time_estimate.py), not measurements; the two-session warning and its
+suggestions use the time's high end. After an out-of-memory, the advice comes from here.
 """
 
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from transformers import AutoConfig
 from envs import env_class
 from gpu_cards import CARDS, find_card
 from long_runs import last_complete_checkpoint
-from memory_estimate import (GIB, HOURS_PER_SESSION, PRESETS, PROMPT_TOKENS, TURN_TOKENS, TYPICAL_REPLY_TOKENS,
-                             TYPICAL_TURN_TOKENS, Shape, estimate, estimate_time, load_shape, parameter_counts)
+from memory_estimate import GIB, PRESETS, PROMPT_TOKENS, TURN_TOKENS, Shape, estimate, load_shape, parameter_counts
+from time_estimate import (ENDS, HOURS_PER_SESSION, TYPICAL_REPLY_TOKENS, TYPICAL_TURN_TOKENS, estimate_time)
 from models import AGENT_NAME, LOCAL_MODELS
 
 HEADROOM = 0.9  # plan to 90% of the card: the estimate's fixed 1 GiB does not cover every allocator's slack
@@ -108,9 +109,9 @@ def run_peak(shape, paw, args, model_args):
                       paw.max_action_tokens, paw.reuse_cache)
 
 
-def step_time(shape, card, paw, args, model_args, typical=False, **layout):
-    """memory_estimate's estimated seconds of one optimizer step of the run as parsed (estimate_time's dict): every
-    reply at --max_action_tokens (the worst case), or `typical` replies and observations. `layout` overrides
+def step_settings(paw, args, model_args, typical=False, **layout):
+    """time_estimate.estimate_time's arguments for one optimizer step of the run as parsed: every reply at
+    --max_action_tokens (the worst case), or `typical` replies and observations. `layout` overrides
     per_device_train_batch_size, gradient_accumulation_steps and max_completion_length (plan.fit_run's flags)."""
     setting = {key: getattr(args, key) for key in ("per_device_train_batch_size", "gradient_accumulation_steps",
                                                     "max_completion_length")} | layout
@@ -118,8 +119,8 @@ def step_time(shape, card, paw, args, model_args, typical=False, **layout):
     generation_steps = args.steps_per_generation if not layout else accumulation  # TRL's default follows the layout
     reply, turn = (TYPICAL_REPLY_TOKENS, TYPICAL_TURN_TOKENS) if typical else (paw.max_action_tokens, TURN_TOKENS)
     env = env_class(paw.env)
-    return estimate_time(
-        shape, card, quantization="nf4" if model_args.load_in_4bit else "bf16",
+    return dict(
+        quantization="nf4" if model_args.load_in_4bit else "bf16",
         lora_r=model_args.lora_r if model_args.use_peft or paw.adapter else None,
         double_quant=model_args.use_bnb_nested_quant, episodes=micro_batch * accumulation,
         rollout_episodes=micro_batch * generation_steps, micro_batch=micro_batch,
@@ -130,11 +131,17 @@ def step_time(shape, card, paw, args, model_args, typical=False, **layout):
         env_reset_s=env.reset_seconds, env_step_s=env.step_seconds)
 
 
+def step_time(shape, card, paw, args, model_args, typical=False, end="high", **layout):
+    """time_estimate's estimated seconds of one optimizer step of the run as parsed (estimate_time's dict), at the
+    `end` of its range: the high end (the slow one, which the plan's warnings use) or the low end."""
+    return estimate_time(shape, card, **step_settings(paw, args, model_args, typical, **layout), end=end)
+
+
 def faster_runs(step_seconds, shape, card, card_gib, paw, args, model_args, given=frozenset(),
                 hours=HOURS_PER_SESSION):
-    """Flags that finish the run (`step_seconds` a step) in about `hours` on `card`, by the estimates: fewer steps,
-    and the largest smaller preset model (Qwen2.5, Llama 3.2) that does all the steps with the layout the plan would
-    give it."""
+    """Flags that finish the run (`step_seconds` a step: the high end) in about `hours` on `card`, by the estimates'
+    high end: fewer steps, and the largest smaller preset model (Qwen2.5, Llama 3.2) that does all the steps with the
+    layout the plan would give it."""
     options = [{"max_steps": int(hours * 3600 / step_seconds)}]
 
     def size(preset):
@@ -195,29 +202,45 @@ def duration(seconds):
     return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
 
 
+def duration_range(low, high):
+    """"50-97 s", "4.9-9.6 min", "16-32 h": both ends in the unit duration() gives the high end."""
+    unit, scale = ("s", 1) if high < 100 else ("min", 60) if high < 6000 else ("h", 3600)
+    low, high = low / scale, high / scale
+    digits = 0 if unit == "s" or high >= 20 else 1
+    return f"{low:.{digits}f}-{high:.{digits}f} {unit}"
+
+
 def describe_time(shape, card, card_gib, paw, args, model_args, given=frozenset()):
-    """The plan's time lines, an ESTIMATE: a step (worst case and typical replies), the run, its sessions and
-    checkpoints; and a warning, with flags that finish in about one session, if the run would take over two."""
-    worst, typical = (step_time(shape, card, paw, args, model_args, typical=t) for t in (False, True))
-    total = args.max_steps * worst["step"]
+    """The plan's time lines, an ESTIMATE with a low and a high end (time_estimate.py): a step (worst case and typical
+    replies), the run, its sessions and checkpoints; and a warning, with flags that finish in about one session, if
+    the run would take over two at the high end."""
+    worst, typical = ([step_time(shape, card, paw, args, model_args, typical=t, end=end) for end in ENDS]
+                      for t in (False, True))
+    total = [args.max_steps * w["step"] for w in worst]
+
+    def span(runs, key="step", times=1):
+        return duration_range(*(times * run[key] for run in runs))
+
     checkpoints = "no checkpoints (--save_strategy no)" if args.save_strategy == "no" else (
-        f"a checkpoint every {args.save_steps:g} steps ({duration(args.save_steps * worst['step'])})")
-    sessions = math.ceil(total / 3600 / HOURS_PER_SESSION)
+        f"a checkpoint every {args.save_steps:g} steps ({span(worst, times=args.save_steps)})")
+    sessions = [math.ceil(t / 3600 / HOURS_PER_SESSION) for t in total]
     lines = [
         f"  time      ESTIMATE on the {card.name} ({card.tflops:g} TFLOPS, {card.bandwidth_gbs:g} GB/s), not measured: "
-        f"{duration(worst['step'])} a step (rollout {duration(worst['rollout'])}, training "
-        f"{duration(worst['training'])})",
+        f"{span(worst)} a step (rollout {span(worst, 'rollout')}, training {span(worst, 'training')})",
         f"            with every reply at its {paw.max_action_tokens}-token cap (the worst case); "
-        f"{duration(typical['step'])} with typical {TYPICAL_REPLY_TOKENS}-token replies",
-        f"  run       {args.max_steps} steps: {duration(total)} at worst ({duration(args.max_steps * typical['step'])} "
-        f"typical), {sessions} session{'s' * (sessions != 1)} of {HOURS_PER_SESSION} h; {checkpoints}",
+        f"{span(typical)} with typical {TYPICAL_REPLY_TOKENS}-token replies",
+        "            low end: the fastest the published measurements allow (newer kernels, a fast host); high end: "
+        "what they measured, on the slowest host for this card (time_estimate.py)",
+        f"  run       {args.max_steps} steps: {span(worst, times=args.max_steps)} at worst "
+        f"({span(typical, times=args.max_steps)} typical), {'-'.join(str(n) for n in sorted(set(sessions)))} "
+        f"session{'s' * (sessions[1] != 1)} of {HOURS_PER_SESSION} h; {checkpoints}",
     ]
     warning = None
-    if total > 2 * HOURS_PER_SESSION * 3600:
-        options = " or ".join(as_flags(flags) for flags in faster_runs(worst["step"], shape, card, card_gib, paw,
+    if total[1] > 2 * HOURS_PER_SESSION * 3600:
+        options = " or ".join(as_flags(flags) for flags in faster_runs(worst[1]["step"], shape, card, card_gib, paw,
                                                                          args, model_args, given))
-        warning = (f"warning: by the estimate this run takes {duration(total)} on the {card.name}, over two "
-                   f"{HOURS_PER_SESSION}-hour sessions; about {HOURS_PER_SESSION} h: {options}")
+        warning = (f"warning: by the estimate's high end this run takes {duration(total[1])} on the {card.name}, over "
+                   f"two {HOURS_PER_SESSION}-hour sessions; about {HOURS_PER_SESSION} h at the high end: {options}")
     return "\n".join(lines), warning
 
 
@@ -246,6 +269,10 @@ def describe(paw, args, model_args, card_gib=None, peak_gib=None, planned=None):
                      + ("" if args.gradient_checkpointing else "; it assumes gradient checkpointing") + ")")
     if planned:
         lines.append(f"  planned   {as_flags(planned)} (flags you pass win)")
+    if planned and planned.get("load_in_4bit") is False:
+        lines.append("  base      16-bit, not NF4: it fits beside training, and by the time estimate's high end a step "
+                     "is faster (4-bit layers cost the host more and, past bitsandbytes' fused kernel, dequantize "
+                     "every weight); --load_in_4bit true keeps NF4")
     return "\n".join(lines)
 
 
@@ -300,7 +327,26 @@ def fit_to_machine(parser, argv, local_run_flags):
     if planned:
         parser.set_defaults(**planned)
         paw, args, model_args = parser.parse_args_and_config(argv)
+    sixteen = sixteen_bit_base(shape, card, paw, args, model_args, HEADROOM * card_gib, given) if planned else None
+    if sixteen:
+        planned = {**planned, **sixteen}
+        parser.set_defaults(**planned)
+        paw, args, model_args = parser.parse_args_and_config(argv)
     return paw, args, model_args, Plan(card, card_gib, card_name, shape, planned, cpu_agent, given)
+
+
+def sixteen_bit_base(shape, card, paw, args, model_args, budget_gib, given):
+    """--load_in_4bit false (with the layout that fits it) where a 16-bit base fits beside training at the episode cap
+    the NF4 plan (`args`, `model_args`) got. By the time estimate's high end it is then never slower: bitsandbytes'
+    4-bit layers cost the host more per layer, and past its fused kernel they dequantize every weight at each
+    decoding step and each training pass (time_estimate.py; only the low end's fused kernel, reading a quarter of the
+    bytes, can put NF4 ahead). None where the user set --load_in_4bit, without LoRA, or on a card of unknown speed."""
+    if card is None or "load_in_4bit" in given or not model_args.load_in_4bit or not model_args.use_peft:
+        return None
+    layout = fit_run(shape, paw, args, replace(model_args, load_in_4bit=False), budget_gib, given)
+    if layout is None or layout.get("max_completion_length", args.max_completion_length) < args.max_completion_length:
+        return None
+    return {"load_in_4bit": False, **layout}
 
 
 def print_plan(paw, args, model_args, plan):

@@ -48,10 +48,10 @@ import sft  # noqa: E402
 import train_paw  # noqa: E402
 from env_workers import EnvWorkers  # noqa: E402
 from envs import ALFWORLD_SPLITS, DataMissing  # noqa: E402
-from memory_estimate import HOURS_PER_SESSION  # noqa: E402
 from models import AGENT_NAME, LOCAL_RUN_FLAGS, ModelMissing, load_model, load_tokenizer  # noqa: E402
-from plan import duration, gpu_name, planned_card, planned_shape, step_time  # noqa: E402
+from plan import duration_range, gpu_name, planned_card, planned_shape, step_time  # noqa: E402
 from rollout import ChatFormat, expert_policy, play  # noqa: E402
+from time_estimate import ENDS, HOURS_PER_SESSION  # noqa: E402
 
 # The modes a study can compare: train_paw.py flags on top of the model's run settings.
 MODES = {
@@ -250,31 +250,33 @@ def evaluation_steps(steps, every):
     return sorted({*range(every, steps + 1, every), steps})
 
 
-def expected_time(args, paw, run_args, model_args, batch, sft_args):
-    """(seconds of the warm start, a step, an evaluation, a run, the study) by memory_estimate's time estimate for
-    this card, or a string saying why there is none."""
+def expected_time(args, paw, run_args, model_args, batch, sft_args, end="high"):
+    """(seconds of the warm start, a step, an evaluation, a run, the study) by time_estimate's estimate for this card at
+    one `end` of its range, or a string saying why there is none."""
     card, card_gib, name = planned_card(paw.gpu, paw.gpu_memory_gib)
     shape = planned_shape(model_args.model_name_or_path, card_gib)
     if card is None or shape is None:
         return ("no GPU" if card_gib is None else f"no figures for the {name}" if name and not card else
                 "no estimate for this model" if card else "memory alone does not say how fast a card is")
-    step = step_time(shape, card, paw, run_args, model_args)["step"]
+    step = step_time(shape, card, paw, run_args, model_args, end=end)["step"]
     waves = math.ceil(args.eval_games / batch) * (1 + args.eval_samples)
-    held_out_s = waves * step_time(shape, card, paw, run_args, model_args, per_device_train_batch_size=batch,
+    held_out_s = waves * step_time(shape, card, paw, run_args, model_args, end=end, per_device_train_batch_size=batch,
                                    gradient_accumulation_steps=1)["rollout"]
     warm = 0.0
     if sft_args:  # the expert's episodes, so typical turns; each epoch trains once on each game's episode
         sft_env, sft_config, _ = sft_args
         games = sft_env.num_train_games or len(sft_env.train_games(sft_config.seed))
-        warm = games * sft_config.num_train_epochs * step_time(shape, card, paw, run_args, model_args, typical=True)[
-            "training"] / (run_args.per_device_train_batch_size * run_args.gradient_accumulation_steps)
+        warm = games * sft_config.num_train_epochs * step_time(shape, card, paw, run_args, model_args, typical=True,
+                                                               end=end)["training"] / (
+            run_args.per_device_train_batch_size * run_args.gradient_accumulation_steps)
     run = args.steps * step + len(evaluation_steps(args.steps, args.eval_every)) * held_out_s
     runs = len(args.modes) * len(args.seeds)
     return dict(card=card.name, warm_start=warm, step=step, evaluation=held_out_s, run=run,
                 study=warm + held_out_s + runs * run)
 
 
-def print_plan(args, paw, run_args, start, batch, estimate):
+def print_plan(args, paw, run_args, start, batch, estimates):
+    """The study's plan; `estimates`: expected_time's at the low and the high end."""
     runs, evaluations = len(args.modes) * len(args.seeds), len(evaluation_steps(args.steps, args.eval_every))
     episodes = run_args.per_device_train_batch_size * run_args.gradient_accumulation_steps
     games = f"generated level {paw.game_level}" if paw.games == "generated" else "official"
@@ -284,15 +286,17 @@ def print_plan(args, paw, run_args, start, batch, estimate):
     print(f"  evaluation  at step 0, then {evaluations} per run (every {args.eval_every} steps and the last): "
           f"{args.eval_games} held-out games of {args.eval_split}, greedy"
           + (f", and sampled over {args.eval_samples} runs" if args.eval_samples else "") + f", {batch} at once")
-    if isinstance(estimate, str):
-        print(f"  time        no estimate: {estimate}")
+    low, high = estimates
+    if isinstance(low, str):
+        print(f"  time        no estimate: {low}")
     else:
-        hours = estimate["study"] / 3600
-        print(f"  time        ESTIMATE on the {estimate['card']}, not measured: "
-              + (f"warm start {duration(estimate['warm_start'])}, " if estimate["warm_start"] else "")
-              + f"a step {duration(estimate['step'])}, an evaluation {duration(estimate['evaluation'])}, a run "
-              f"{duration(estimate['run'])}; the study {duration(estimate['study'])}, "
-              f"{math.ceil(hours / HOURS_PER_SESSION)} session(s) of {HOURS_PER_SESSION} h")
+        span = {key: duration_range(low[key], high[key])
+                for key in ("warm_start", "step", "evaluation", "run", "study")}
+        sessions = math.ceil(high["study"] / 3600 / HOURS_PER_SESSION)
+        print(f"  time        ESTIMATE on the {low['card']}, not measured, low-high (time_estimate.py): "
+              + (f"warm start {span['warm_start']}, " if low["warm_start"] else "")
+              + f"a step {span['step']}, an evaluation {span['evaluation']}, a run {span['run']}; the study "
+              f"{span['study']}, {sessions} session(s) of {HOURS_PER_SESSION} h at the high end")
     print(f"  resume      the same command continues it after a session ends ({args.output}_runs/ holds its work)")
 
 
@@ -358,7 +362,8 @@ def study(args, command):
                  "episodes_per_step": run_args.per_device_train_batch_size * run_args.gradient_accumulation_steps,
                  "num_generations": run_args.num_generations, "learning_rate": run_args.learning_rate,
                  "use_peft": model_args.use_peft, "load_in_4bit": model_args.load_in_4bit}}))
-    print_plan(args, paw, run_args, start, batch, expected_time(args, paw, run_args, model_args, batch, sft_args))
+    estimates = [expected_time(args, paw, run_args, model_args, batch, sft_args, end) for end in ENDS]
+    print_plan(args, paw, run_args, start, batch, estimates)
     if args.dry_run:
         sys.exit(0)
     state = load_state(folder, result_file, settings)

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+import calibration
 import gpu_check
 import memory_estimate as me
 from envs import make_env
@@ -68,6 +70,12 @@ def test_at_smoke_size_it_measures_a_real_run_and_writes_both_sides(tmp_path):
     assert measured["step_s"] == row["steps"][0]["step_s"] > measured["rollout_s"]
     # Every reply ran to its cap and no episode ended early: the turns the estimate counts were played.
     assert row["steps"][0]["turns"] == estimated["turns"] == row["settings"]["max_env_steps"] == 3
+    assert 0 < estimated["low_end"]["step"] <= estimated["step"]
+    # The step joins the calibration table as a row, and the time estimate gives its seconds again from it.
+    measurement = calibration.Measurement(**row["measurement"])
+    assert measurement.kind == "rl_step" and measurement.seconds == measured["step_s"]
+    assert calibration.estimated(measurement) == pytest.approx(estimated["step"], rel=1e-9)
+    assert calibration.estimated(measurement, "low") == pytest.approx(estimated["low_end"]["step"], rel=1e-9)
     assert "| tiny | 1 |" in result.stdout and "paste the table" in result.stdout
 
 

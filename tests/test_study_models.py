@@ -117,7 +117,12 @@ def test_on_a_card_the_plan_gives_the_studys_expected_time(capsys, tmp_path):
         study.main(["--model_name_or_path", "Qwen/Qwen2.5-1.5B-Instruct", "--output", str(tmp_path / "s"), "--dry_run",
                     "--train_flags", "--gpu", "t4"])
     printed = capsys.readouterr().out
-    assert "ESTIMATE on the T4, not measured: a step" in printed and "session(s) of 12 h" in printed
+    assert "ESTIMATE on the T4, not measured, low-high (time_estimate.py): a step " in printed
+    total = printed.split("the study ")[1].split(",")[0]  # e.g. "26-50 h"
+    low, high = (float(end) for end in total.split()[0].split("-"))
+    sessions = int(printed.split(f"the study {total}, ")[1].split()[0])
+    assert low < high and total.endswith(" h") and (sessions - 1) * 12 < high + 0.5 and high - 0.5 <= sessions * 12
+    assert "session(s) of 12 h at the high end" in printed
 
 
 def test_smollm2_warm_started_then_one_rl_step_per_mode(smol_path, tmp_path):
