@@ -60,7 +60,8 @@ REALISTIC_SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layer
 TRAINING = {"tiny": dict(episodes=8, steps=6, rounds=4), "realistic": dict(episodes=4, steps=4, rounds=4)}
 TRAIN_MODES = {"off": dict(wm="off"), "paw": dict(wm="paw"), "gigpo": dict(wm="off", advantage="gigpo"),
                "gigpo+paw": dict(wm="paw", advantage="gigpo")}
-LOG_MODES = {"paw": dict(wm="paw", episode_log_steps=0), "paw, every step recorded": dict(wm="paw", episode_log_steps=1)}
+LOG_MODES = {"paw": dict(wm="paw", episode_log_steps=0),
+             "paw, every step recorded": dict(wm="paw", episode_log_steps=1)}
 MAX_LOG_SHARE = 0.03  # of step time, averaged over the steps, that episode records may cost
 
 
@@ -94,11 +95,23 @@ def rollout(model, chat, workers, games, turns, reply_tokens, reuse_cache, batch
 
 
 class StepTimer(TrainerCallback):
+    """Seconds per step, and of each step the seconds spent in the methods it `timed`."""
+
     def __init__(self):
-        self.times = []
+        self.times, self.inside = [], []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
+        self.inside.append(0.0)
+
+    def timed(self, method):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            self.inside[-1] += time.perf_counter() - start
+            return result
+
+        return call
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self.start)
@@ -159,7 +172,8 @@ def environment_costs():
 
 
 def step_times(path, chat, fields, group, flags, steps, out):
-    """Seconds per training step of one trainer (flags: PaWArguments' fields) on the same recorded rollouts."""
+    """Seconds per training step of one trainer (flags: PaWArguments' fields) on the same recorded rollouts, and of
+    each step the seconds spent in its episode log (episode_log.py: statistics, and records if it keeps them)."""
     timer = StepTimer()
     args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                       max_steps=steps, logging_strategy="no", num_generations=group,
@@ -173,33 +187,43 @@ def step_times(path, chat, fields, group, flags, steps, out):
         paw=PaWArguments(**flags),
     )
     trainer.remove_callback(PrinterCallback)
+    log = trainer.episode_log
+    log.rollout, log.micro_batch = timer.timed(log.rollout), timer.timed(log.micro_batch)
     trainer.train()
-    return timer.times[1:]  # the first step pays one-off costs
+    return timer.times[1:], timer.inside[1:]  # the first step pays one-off costs
 
 
 def interleaved_medians(path, chat, fields, group, modes, training, out):
-    """Each mode's median step seconds over rounds run in turn (against drift), and every round's medians."""
-    rounds = []
+    """Each mode's median step seconds over rounds run in turn (against drift), every round's medians, and each
+    mode's median seconds of a step spent in its episode log."""
+    rounds, logging = [], {mode: [] for mode in modes}
     for _ in range(training["rounds"]):
-        rounds.append({mode: statistics.median(step_times(path, chat, fields, group, flags, training["steps"],
-                                                          os.path.join(out, mode)))
-                       for mode, flags in modes.items()})
-    return {mode: statistics.median(r[mode] for r in rounds) for mode in modes}, rounds
+        rounds.append({})
+        for mode, flags in modes.items():
+            times, inside = step_times(path, chat, fields, group, flags, training["steps"], os.path.join(out, mode))
+            rounds[-1][mode] = statistics.median(times)
+            logging[mode] += inside
+    return ({mode: statistics.median(r[mode] for r in rounds) for mode in modes}, rounds,
+            {mode: statistics.median(seconds) for mode, seconds in logging.items()})
 
 
 def episode_log_cost(name, path, chat, episodes, group, out):
-    """A row of table 5: training steps with and without recording every step's episodes, and the smallest
-    --episode_log_steps N whose records cost at most MAX_LOG_SHARE of the time (the first step and every N-th)."""
+    """A row of table 5: training steps with and without recording every step's episodes; the seconds a step spends
+    recording, timed inside the step (a difference of medians drowns in the noise of a shared machine); and the
+    smallest --episode_log_steps N whose records cost at most MAX_LOG_SHARE of the time (the first step, every N-th)."""
     training = TRAINING[name]
     fields = episode_fields(episodes[:training["episodes"]])
-    median, rounds = interleaved_medians(path, chat, fields, min(group, training["episodes"]), LOG_MODES, training,
-                                         os.path.join(out, "episode-log"))
+    median, rounds, inside = interleaved_medians(path, chat, fields, min(group, training["episodes"]), LOG_MODES,
+                                                 training, os.path.join(out, "episode-log"))
     plain, logged = (median[mode] for mode in LOG_MODES)
+    plain_inside, logged_inside = (inside[mode] for mode in LOG_MODES)
     per_round = [r["paw, every step recorded"] / r["paw"] for r in rounds]
-    every = max(1, math.ceil((logged - plain) / plain / MAX_LOG_SHARE))
+    recording = logged_inside - plain_inside  # the statistics, logged every step by both, cancel
+    every = max(1, math.ceil(recording / plain / MAX_LOG_SHARE))
     tokens = sum(len(p) + len(c) for p, c in zip(fields["prompt_ids"], fields["completion_ids"]))
     return (f"| {name} | {training['episodes']} | {tokens} | {plain:.3f} | {logged:.3f} | {logged / plain:.3f} "
-            f"({min(per_round):.2f}-{max(per_round):.2f}) | {1000 * (logged - plain):.0f} | {every} |")
+            f"({min(per_round):.2f}-{max(per_round):.2f}) | {1000 * recording:.0f} ({100 * recording / plain:.1f}%) "
+            f"| {every} |")
 
 
 def synthetic_records(steps, per_step, turns, seed=0):
@@ -221,12 +245,14 @@ def synthetic_records(steps, per_step, turns, seed=0):
                 obs, obs_logp = tokens(30)
                 turns_.append({"admissible": ["go to cabinet %d" % k for k in range(20)], "reply": "".join(reply),
                                "action": "go to cabinet 1", "valid": True, "reward": 0.0, "observation": "".join(obs),
-                               "reply_tokens": reply, "reply_logp": reply_logp, "reply_entropy": [-x for x in reply_logp],
+                               "reply_tokens": reply, "reply_logp": reply_logp,
+                               "reply_entropy": [-x for x in reply_logp],
                                "entropy": 1.0, "obs_tokens": obs, "obs_logp": obs_logp,
                                "obs_clipped": [x > -0.1 for x in obs_logp], "selected": rng.random() < 0.5,
                                "wm_loss": 0.5, "advantage": 0.1})
             records[step].append({
-                "schema": view.SCHEMA_VERSION, "source": "train", "step": step, "episode": episode, "group": episode // 8,
+                "schema": view.SCHEMA_VERSION, "source": "train", "step": step, "episode": episode,
+                "group": episode // 8,
                 "game": f"game-{episode % 40}", "task_type": rng.choice(list(TASK_TYPES)), "won": rng.random() < 0.3,
                 "task_return": 0.0, "steps": turns, "invalid_actions": 0, "truncated": False, "error": None,
                 "first_observation": "You are in the middle of a room.", "turns": turns_, "reward": 0.0,
@@ -310,8 +336,8 @@ def main():
 
         training = TRAINING[name]
         fields = episode_fields(episodes[:training["episodes"]])  # the same episodes for both modes
-        median, rounds = interleaved_medians(path, chat, fields, min(group, training["episodes"]), TRAIN_MODES,
-                                             training, out)
+        median, rounds, _ = interleaved_medians(path, chat, fields, min(group, training["episodes"]), TRAIN_MODES,
+                                                training, out)
 
         def ratio(mode, base):
             per_round = [r[mode] / r[base] for r in rounds]
@@ -357,9 +383,10 @@ def main():
 
 def print_episode_log(logging, viewer):
     print(f"\n5. episode records (episode_log.py): training step on identical rollouts, median seconds, without and "
-          f"with every step recorded; the smallest --episode_log_steps N at which they cost <= {MAX_LOG_SHARE:.0%} of "
-          "the training time (a real step also plays its episodes, so their share of it is smaller)\n")
-    print("| model | episodes | tokens | paw | paw, every step recorded | ratio (range over rounds) | ms per recorded "
+          "with every step recorded; milliseconds a step spends recording (timed inside it; share of the step "
+          f"without); the smallest --episode_log_steps N at which they cost <= {MAX_LOG_SHARE:.0%} of the training "
+          "time (a real step also plays its episodes, so their share of it is smaller)\n")
+    print("| model | episodes | tokens | paw | paw, every step recorded | ratio (range over rounds) | ms recording a "
           "step | N for <= 3% |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(logging))
     print("\n6. view.py on synthetic records (10 logged steps of 100 episodes): the page, and in headless Chromium the "

@@ -44,8 +44,9 @@ from wm_select import action_entropy
 @dataclass
 class EpisodeLogArguments:
     episode_log_steps: int = field(
-        default=10, metadata={"help": "Record the episodes of the first step and of every N-th, turn by turn with their "
-                                      "per-token values, to OUTPUT_DIR/episodes/ (python view.py OUTPUT_DIR); 0: never."})
+        default=10, metadata={"help": "Record the episodes of the first step and of every N-th, turn by turn with "
+                                      "their per-token values, to OUTPUT_DIR/episodes/ (python view.py OUTPUT_DIR); "
+                                      "0: never."})
     episode_log_groups: int = field(
         default=0, metadata={"help": "Record only the first K groups of a logged step (0: all)."})
 
@@ -167,16 +168,16 @@ class EpisodeLog:
             if paw.episode_log_groups and episode // group >= paw.episode_log_groups:
                 continue
             self.pending[row] = {
-                "schema": SCHEMA_VERSION, "source": "train", "step": step, "episode": episode, "group": episode // group,
-                "process": trainer.accelerator.process_index, **x["record"],
+                "schema": SCHEMA_VERSION, "source": "train", "step": step, "episode": episode,
+                "group": episode // group, "process": trainer.accelerator.process_index, **x["record"],
                 "reward": x["task_return"] - paw.invalid_action_penalty * x["invalid_actions"], "settings": settings}
         output["episode_row"] = torch.arange(len(inputs), device=output["completion_ids"].device)
 
     @torch.no_grad()
     def micro_batch(self, inputs, logps, token_entropy, entropy=None, selected=None, wm_loss=None, weight=None):
-        """The values one micro-batch's loss was computed from: per token (B, L) log-probs and entropies of the policy
-        forward; with the WM term, per transition (B, T) action entropies, top-alpha's selection and L_WM, and the (B, 1)
-        weights lambda. The step's records are written once its last micro-batch is in."""
+        """The values one micro-batch's loss was computed from: per token (B, L) log-probs and entropies of the
+        policy forward; with the WM term, per transition (B, T) action entropies, top-alpha's selection and L_WM, and
+        the (B, 1) weights lambda. The step's records are written once its last micro-batch is in."""
         trainer = self.trainer
         if self.pending is None or "episode_row" not in inputs or not trainer.model.training:
             return

@@ -97,6 +97,7 @@ def summary(record, source, index):
         "lambda": record.get("lambda"), "steps": record["steps"], "invalid": record["invalid_actions"],
         "error": record["error"], "overlap": mean([t.get("overlap") for t in turns]),
         "selected": sum(t["selected"] for t in turns) if any("selected" in t for t in turns) else None,
+        "wm_loss": mean([t["wm_loss"] for t in turns if t.get("selected")]),
     }
 
 
@@ -108,7 +109,8 @@ def overview(rows):
     return [{"step": step, "episodes": len(group), "success": mean([float(r["won"]) for r in group]),
              "task_return": mean([r["task_return"] for r in group]), "reward": mean([r["reward"] for r in group]),
              "invalid": sum(r["invalid"] for r in group) / max(sum(r["steps"] for r in group), 1),
-             "overlap": mean([r["overlap"] for r in group])} for step, group in sorted(by_step.items())]
+             "wm_loss": mean([r["wm_loss"] for r in group]), "overlap": mean([r["overlap"] for r in group])}
+            for step, group in sorted(by_step.items())]
 
 
 def page(sources, compare=False):
@@ -271,10 +273,10 @@ function drawOverview() {
     const settings = s.settings ? Object.entries(s.settings).map(([k, v]) => k + " " + v).join(", ") : "";
     html += `<h3>${esc(s.label)} <span class="small">(${s.kind}) ${esc(settings)}</span></h3><table><tr>` +
       `<th>${s.kind === "train" ? "step" : "run"}</th><th>episodes</th><th>success</th><th>return</th>` +
-      `<th>reward</th><th>invalid actions</th><th>imagined overlap</th></tr>`;
+      `<th>reward</th><th>invalid actions</th><th>WM loss (selected)</th><th>imagined overlap</th></tr>`;
     for (const o of s.overview) html += `<tr class="ep" data-source="${i}" data-step="${o.step}"><td>${o.step}</td>` +
       `<td>${o.episodes}</td><td>${pct(o.success)}</td><td>${num(o.task_return)}</td><td>${num(o.reward)}</td>` +
-      `<td>${pct(o.invalid)}</td><td>${num(o.overlap)}</td></tr>`;
+      `<td>${pct(o.invalid)}</td><td>${num(o.wm_loss)}</td><td>${num(o.overlap)}</td></tr>`;
     html += "</table>";
   });
   $("overview").innerHTML = html + '<p class="small">Click a row for its episodes.</p>';
@@ -331,21 +333,26 @@ function tokens(list, kind, turn, scale) {  // token spans: data-* index into th
 function turnHtml(r, t, i, scale) {
   const badges = [`<span class="badge ${t.valid ? "ok" : "bad"}">${t.valid ? "valid" : "invalid"}</span>`];
   if (t.selected) badges.push(`<span class="badge sel">WM selected: L_WM ${num(t.wm_loss)}</span>`);
-  else if ("selected" in t) badges.push(`<span class="badge">not selected${t.wm_loss === null ? " (no target)" : ""}</span>`);
+  else if ("selected" in t) {
+    badges.push(`<span class="badge">not selected${t.wm_loss === null ? " (no target)" : ""}</span>`);
+  }
   if (t.cut) badges.push('<span class="badge bad">cut by the token budget</span>');
   const seen = i === 0 ? r.first_observation : r.turns[i - 1].observation;
   let html = `<div class="turn${t.selected ? " selected" : ""}" data-turn="${i}"><div><b>turn ${i + 1}</b> ` +
     badges.join("") + `<span class="small">reward ${num(t.reward)} · advantage ${num(t.advantage)} · ` +
-    `action entropy ${num(t.entropy)}${"anchor" in t ? ` · state ${t.anchor} (${t.anchor_size} steps of the group)` : ""}` +
+    `action entropy ${num(t.entropy)}` +
+    `${"anchor" in t ? ` · state ${t.anchor} (${t.anchor_size} steps of the group)` : ""}` +
     `</span></div><div class="small">shown:</div><div class="obs">${esc(seen === null ? "" : seen)}</div>`;
   if (t.admissible) html += `<details><summary class="small">${t.admissible.length} admissible actions</summary>` +
     `<div class="small">${esc(t.admissible.join(", "))}</div></details>`;
-  html += `<div class="small">reply (shaded by entropy), action <b>${esc(t.action === null ? "none" : t.action)}</b>:</div>`;
+  html += '<div class="small">reply (shaded by entropy), action ' +
+    `<b>${esc(t.action === null ? "none" : t.action)}</b>:</div>`;
   html += `<div class="toks">${t.reply_tokens ? tokens(t.reply_tokens, "reply", t, scale) : esc(t.reply || "")}</div>`;
   const real = t.obs_tokens && t.obs_tokens.length ? tokens(t.obs_tokens, "obs", t, scale) :
     esc(t.observation === null ? "(no observation)" : t.observation);
   html += `<div class="small">next observation (shaded by the agent's probability; dashed: clipped by CMAE):</div>`;
-  if ("imagined" in t) html += `<div class="cols"><div><div class="small">real</div><div class="toks">${real}</div></div>` +
+  if ("imagined" in t) html += '<div class="cols"><div><div class="small">real</div>' +
+    `<div class="toks">${real}</div></div>` +
     `<div><div class="small">imagined by the model (token overlap ${num(t.overlap)})</div>` +
     `<div class="toks imagined">${esc(t.imagined)}</div></div></div>`;
   else html += `<div class="toks">${real}</div>`;
@@ -355,12 +362,17 @@ function turnHtml(r, t, i, scale) {
 function episodeHtml(e, r) {
   const scale = Math.max(1e-9, ...r.turns.flatMap(t => t.reply_entropy || []));
   const head = `<h3>${esc(SRC[e.source].label)}, ${stepName(e.source)} ${stepOf(e)}, episode ${e.episode}` +
-    `${e.group === null ? "" : ", group " + e.group}: <span class="${r.won ? "won" : "lost"}">${r.won ? "won" : "lost"}` +
+    `${e.group === null ? "" : ", group " + e.group}: ` +
+    `<span class="${r.won ? "won" : "lost"}">${r.won ? "won" : "lost"}` +
     `</span></h3><p class="small">${esc(r.game)} (${esc(r.task_type)})<br>return ${num(r.task_return)} · reward ` +
     `${num(r.reward)} · advantage ${num(r.advantage)} · group return ${num(r.group_return)} · &lambda; ` +
     `${num(r["lambda"])} · ${r.steps} steps, ${r.invalid_actions} invalid${r.truncated ? " · truncated" : ""}` +
-    `${r.error ? " · error: " + esc(r.error) : ""}${"micro_batch" in r ? " · micro-batch " + r.micro_batch : ""}</p>`;
-  return `<div class="episode" data-id="${e.id}">${head}${r.turns.map((t, i) => turnHtml(r, t, i, scale)).join("")}</div>`;
+    `${r.error ? " · error: " + esc(r.error) : ""}` +
+    `${"micro_batch" in r ? " · micro-batch " + r.micro_batch : ""}<br>` +
+    `reply tokens: orange by entropy (darkest: ${num(scale)} nats, this episode's highest); observation tokens: ` +
+    "green by the probability the agent gave them (darkest: 1); hover a token for its values</p>";
+  const turns = r.turns.map((t, i) => turnHtml(r, t, i, scale)).join("");
+  return `<div class="episode" data-id="${e.id}">${head}${turns}</div>`;
 }
 
 async function openEpisode(id) {
@@ -376,24 +388,30 @@ async function openGroup(id) {
   const records = await Promise.all(members.map(x => record(x.id)));
   let html = `<button class="back">back to the list</button><h3>${esc(SRC[e.source].label)}, step ${e.step}, ` +
     `group ${e.group}: ${esc(e.name)}</h3><p class="small">Group return ${num(records[0].group_return)}, ` +
-    `&lambda;<sub>g</sub> ${num(records[0]["lambda"])}: the WM weight of every transition of the group.</p><div class="cols">`;
+    `&lambda;<sub>g</sub> ${num(records[0]["lambda"])}: the WM weight of every transition of the group.</p>` +
+    '<div class="cols">';
   members.forEach((x, k) => {
     const r = records[k];
-    html += `<div><p><a href="#" data-open="${x.id}">episode ${x.episode}</a> <span class="${r.won ? "won" : "lost"}">` +
+    html += `<div><p><a href="#" data-open="${x.id}">episode ${x.episode}</a> ` +
+    `<span class="${r.won ? "won" : "lost"}">` +
       `${r.won ? "won" : "lost"}</span><br>return ${num(r.task_return)} · reward ${num(r.reward)} · advantage ` +
       `${num(r.advantage)}</p><table><tr><th>turn</th><th class="l">action</th><th>adv.</th><th>WM</th></tr>` +
       r.turns.map((t, i) => `<tr><td>${i + 1}</td><td class="l ${t.valid ? "" : "lost"}">${esc(t.action || "(none)")}` +
-        `</td><td>${num(t.advantage)}</td><td>${t.selected ? num(t.wm_loss) : "–"}</td></tr>`).join("") + "</table></div>";
+        `</td><td>${num(t.advantage)}</td><td>${t.selected ? num(t.wm_loss) : "–"}</td></tr>`).join("") +
+      "</table></div>";
   });
   $("group").innerHTML = html + "</div>";
   $("group").querySelector(".back").onclick = () => show("episodes");
-  for (const a of $("group").querySelectorAll("a[data-open]")) a.onclick = ev => { ev.preventDefault(); openEpisode(+a.dataset.open); };
+  for (const a of $("group").querySelectorAll("a[data-open]")) {
+    a.onclick = ev => { ev.preventDefault(); openEpisode(+a.dataset.open); };
+  }
   show("group", `group ${e.group}`);
 }
 
 function compareSide(k) {
   const choices = [];
-  SRC.forEach((s, i) => s.overview.forEach(o => choices.push([i + ":" + o.step, `${s.label}, ${stepName(i)} ${o.step}`])));
+  SRC.forEach((s, i) => s.overview.forEach(o => choices.push([i + ":" + o.step,
+                                                             `${s.label}, ${stepName(i)} ${o.step}`])));
   return `<label>${k === 0 ? "left" : "right"} <select id="c-${k}">` +
     choices.map(([v, l]) => `<option value="${esc(v)}">${esc(l)}</option>`).join("") + "</select></label> ";
 }
@@ -413,9 +431,15 @@ function side(k) {
 }
 
 function compareGames() {
-  const left = side(0), right = side(1), games = [...new Set(left.map(e => e.game))].filter(g => right.some(e => e.game === g));
-  const rate = (list, g) => { const m = list.filter(e => e.game === g); return `${m.filter(e => e.won).length}/${m.length}`; };
-  $("c-games").innerHTML = `<p class="small">${games.length} games played on both sides (won / played):</p><table>` +
+  const left = side(0), right = side(1);
+  const games = [...new Set(left.map(e => e.game))].filter(g => right.some(e => e.game === g));
+  const rate = (list, g) => {
+    const played = list.filter(e => e.game === g);
+    return `${played.filter(e => e.won).length}/${played.length}`;
+  };
+  $("c-games").innerHTML = `<p class="small">${games.length} games played on both sides (won / played)` +
+    (games.length ? ":" : ": compare evaluations of the same games, or the steps of a run on few games " +
+     "(--num_train_games)") + "</p><table>" +
     games.map(g => `<tr class="ep" data-game="${esc(g)}"><td class="l">${esc(left.find(e => e.game === g).name)}</td>` +
       `<td>${rate(left, g)}</td><td>${rate(right, g)}</td></tr>`).join("") + "</table>";
   for (const tr of $("c-games").querySelectorAll("tr.ep")) tr.onclick = () => compareGame(tr.dataset.game);
@@ -424,7 +448,8 @@ function compareGames() {
 async function compareGame(game) {
   for (const k of [0, 1]) {
     const list = side(k).filter(e => e.game === game), pane = $(k === 0 ? "c-left" : "c-right");
-    const pick = `<select>${list.map(e => `<option value="${e.id}">episode ${e.episode} (${e.won ? "won" : "lost"})</option>`).join("")}</select>`;
+    const pick = "<select>" + list.map(e =>
+      `<option value="${e.id}">episode ${e.episode} (${e.won ? "won" : "lost"})</option>`).join("") + "</select>";
     pane.innerHTML = pick + '<div class="pane"></div>';
     const draw = async () => { const id = +pane.querySelector("select").value;
       pane.querySelector(".pane").innerHTML = episodeHtml(EPS[id], await record(id)); };
@@ -440,7 +465,8 @@ function tip(ev) {  // a token's exact values, read from its record
   const t = cache.get(+box.dataset.id).turns[+turn.dataset.turn];
   const rows = [["token", JSON.stringify(span.textContent)]];
   if (span.dataset.kind === "reply") {
-    rows.push(["logp", t.reply_logp[j]], ["p", Math.exp(t.reply_logp[j]).toPrecision(4)], ["entropy", t.reply_entropy[j]]);
+    rows.push(["logp", t.reply_logp[j]], ["p", Math.exp(t.reply_logp[j]).toPrecision(4)],
+              ["entropy", t.reply_entropy[j]]);
     if (t.advantage !== undefined) rows.push(["advantage", t.advantage]);
   } else {
     rows.push(["logp", t.obs_logp[j]], ["p", Math.exp(t.obs_logp[j]).toPrecision(4)]);

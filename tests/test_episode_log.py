@@ -12,6 +12,7 @@ from test_rollout import assert_logprobs_match_a_fresh_forward
 from test_trainer import GROUP, build_trainer, reference_advantages, restore, train_once
 
 import eval as evaluation
+import train_paw
 import view
 from env_workers import EnvWorkers
 from episode_log import SCHEMA_VERSION, token_overlap
@@ -110,7 +111,8 @@ def test_training_records_hold_the_loss_forward_values_and_recompute_the_logged_
 
 
 def test_only_the_first_k_groups_and_every_nth_step_are_recorded(tiny_path, chat, tmp_path):
-    trainer = build_trainer(tiny_path, chat, tmp_path, PaWArguments(wm="paw", episode_log_steps=2, episode_log_groups=1))
+    paw = PaWArguments(wm="paw", episode_log_steps=2, episode_log_groups=1)
+    trainer = build_trainer(tiny_path, chat, tmp_path, paw)
     trainer.args.max_steps = 3
     trainer.train()
     assert sorted(p.name for p in (tmp_path / "episodes").iterdir()) == ["step-000001.jsonl.gz", "step-000002.jsonl.gz"]
@@ -180,10 +182,17 @@ def test_view_refuses_bad_input_with_a_message_and_writes_nothing(tmp_path, caps
         data = (run / "episodes" / "step-000001.jsonl.gz").read_bytes()
         (run / "episodes" / "step-000001.jsonl.gz").write_bytes(data[: len(data) // 2])
     elif case in ("schema", "old"):
-        write(run / "episodes" / "step-000001.jsonl.gz", [record, {**record, "schema": 2 if case == "schema" else None}])
+        other = {**record, "schema": 2 if case == "schema" else None}
+        write(run / "episodes" / "step-000001.jsonl.gz", [record, other])
     elif case == "incomplete":
         write(run / "episodes" / "step-000001.jsonl.gz", [{"schema": SCHEMA_VERSION, "game": "g", "turns": []}])
     with pytest.raises(SystemExit) as stop:
         view.main([str(run), "--output", str(tmp_path / "page.html")])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "page.html").exists()
+
+
+def test_a_negative_episode_log_flag_exits_2_with_a_message(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_paw.parse_args(["--model_name_or_path", "tiny", "--episode_log_steps", "-1"])
+    assert stop.value.code == 2 and "--episode_log_steps must be >= 0" in capsys.readouterr().err
