@@ -12,7 +12,7 @@ next observation with each token shaded by the probability the agent gave it (CM
 transitions top-alpha selected marked, and with eval.py --imagine the observation the model predicted beside the
 real one. Hovering a token shows its exact values. Compare: the same game in two runs or two logged steps, side by
 side. Each episode stays gzip-compressed in the page until it is opened (the browser's DecompressionStream), and the
-lists render a page of rows at a time, so a thousand episodes of 50 turns open in seconds (bench.py --viewer).
+lists render a page of rows at a time, so a thousand episodes of 50 turns open in seconds (bench.py --episode_log).
 Bad input (no records, a damaged file, records of another schema version) exits with code 2 and writes nothing.
 """
 
@@ -174,7 +174,7 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def headless_chromium(width=1400, height=1000):
-    """Debian's Chromium driven by Selenium, for the browser test and bench.py --viewer (apt-get install chromium
+    """Debian's Chromium driven by Selenium, for the browser test and bench.py --episode_log (apt-get install chromium
     chromium-driver). It keeps the page's console messages: driver.get_log("browser")."""
     import tempfile
 

@@ -196,3 +196,14 @@ def test_a_negative_episode_log_flag_exits_2_with_a_message(capsys):
     with pytest.raises(SystemExit) as stop:
         train_paw.parse_args(["--model_name_or_path", "tiny", "--episode_log_steps", "-1"])
     assert stop.value.code == 2 and "--episode_log_steps must be >= 0" in capsys.readouterr().err
+
+
+def test_view_writes_only_the_newest_steps_with_last_steps(tmp_path):
+    record = {"schema": SCHEMA_VERSION, "source": "train", "game": "g", "task_type": "Pick", "won": True,
+              "task_return": 1.0, "steps": 0, "invalid_actions": 0, "error": None, "first_observation": "", "turns": []}
+    for step in (1, 11, 21):
+        write(tmp_path / "run" / "episodes" / f"step-{step:06d}.jsonl.gz", [{**record, "step": step}] * 2)
+    page = view.main([str(tmp_path / "run"), "--last_steps", "2"]).read_text()
+    data = json.loads(page.split('<script id="paw-data" type="application/json">')[1].split("</script>")[0])
+    assert [e["step"] for e in data["episodes"]] == [11, 11, 21, 21]
+    assert [o["step"] for o in data["sources"][0]["overview"]] == [11, 21]
