@@ -86,12 +86,13 @@ def mean(values):
     return statistics.fmean(values) if values else None
 
 
-def summary(record, source, index):
-    """One row of the episode list: what the filters and the overview need, without the turns."""
+def summary(record, source, index, position):
+    """One row of the episode list (`index` in the page, `position` in its source): what the filters and the overview
+    need, without the turns."""
     turns = record["turns"]
     return {
         "id": index, "source": source, "step": record.get("step"), "run": record.get("run"),
-        "group": record.get("group"), "episode": record.get("episode", index), "game": record["game"],
+        "group": record.get("group"), "episode": record.get("episode", position), "game": record["game"],
         "name": short_game(record["game"]), "task_type": record["task_type"], "won": record["won"],
         "task_return": record["task_return"], "reward": record.get("reward"), "advantage": record.get("advantage"),
         "lambda": record.get("lambda"), "steps": record["steps"], "invalid": record["invalid_actions"],
@@ -119,7 +120,7 @@ def page(sources, compare=False):
     for number, (label, kind, records) in enumerate(sources):
         first = len(rows)
         for record, line in records:
-            rows.append(summary(record, number, len(rows)))
+            rows.append(summary(record, number, len(rows), len(rows) - first))
             blobs.append(base64.b64encode(gzip.compress(line.encode(), 6)).decode())
         described.append({"label": label, "kind": kind, "settings": records[0][0].get("settings"),
                           "overview": overview(rows[first:])})
