@@ -6,7 +6,8 @@
     python eval.py --env alfworld --split eval_out_of_distribution --policy random   # the floor
 
 Writes OUT.json (the summary), OUT.jsonl (every trajectory) and prints a markdown table whose caption names the
-split. `--wm_eval` adds how well the model predicts each next observation (PaW's world model).
+split. `--wm_eval` adds how well the model predicts each next observation (PaW's world model); `--episode_details` and
+`--imagine` add per-token values and the model's own predicted observations to every trajectory (view.py draws them).
 """
 
 import argparse
@@ -26,10 +27,11 @@ from trl import ModelConfig
 from alfworld_gen import LEVELS
 from env_workers import EnvWorkers
 from envs import ALFWORLD_SPLITS, ENVIRONMENTS, DataMissing, env_class, env_options, list_games
+from episode_log import SCHEMA_VERSION, add_token_values, imagine
 from memory_estimate import PROMPT_TOKENS
 from models import ModelMissing, hardware_dtype, load_model
 from plan import HEADROOM, fit_eval_batch, gpu_memory_gib, planned_shape
-from rollout import ChatFormat, ModelPolicy, expert_policy, play, random_policy
+from rollout import ChatFormat, ModelPolicy, episode_record, expert_policy, play, random_policy
 from tiny_model import tiny_model_path
 
 SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
@@ -84,6 +86,12 @@ def parse_args(argv=None):
                              "environment error and its worker process is replaced (needs --env_workers >= 1)")
     parser.add_argument("--wm_eval", action="store_true",
                         help="also report next-observation NLL per token and top-1 accuracy")
+    parser.add_argument("--episode_details", action="store_true",
+                        help="record each reply token's log-prob and entropy and each observation token's log-prob in "
+                             "OUTPUT.jsonl (one scoring forward per episode; python view.py OUTPUT.jsonl)")
+    parser.add_argument("--imagine", action="store_true",
+                        help="after each action, the model's greedy prediction of the next observation beside the real "
+                             "one, with their token overlap (F1), per turn in OUTPUT.jsonl and averaged in OUTPUT.json")
     parser.add_argument("--output", default="eval_results/result", help="writes OUTPUT.json and OUTPUT.jsonl")
     args = parser.parse_args(argv)
     if args.max_env_steps is None:
@@ -93,8 +101,9 @@ def parse_args(argv=None):
         parser.error("--policy model needs --model_name_or_path")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         parser.error(f"--adapter {args.adapter}: no adapter_config.json there (is it the run's --output_dir?)")
-    if args.wm_eval and args.policy != "model":
-        parser.error("--wm_eval measures a model: it needs --policy model")
+    for name in ("wm_eval", "episode_details", "imagine"):
+        if getattr(args, name) and args.policy != "model":
+            parser.error(f"--{name} measures a model: it needs --policy model")
     for name in ("num_runs", "batch_size", "max_env_steps", "max_action_tokens", "max_observation_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -243,9 +252,7 @@ def split_folder(args):
 
 
 def trajectory(e, run, seed):
-    return {"run": run, "seed": seed, "game": e.env.game, "task_type": e.env.task_type, "won": e.won,
-            "task_return": e.task_return, "steps": len(e.turns), "invalid_actions": e.invalid_actions,
-            "truncated": e.truncated, "error": e.error, "first_observation": e.first_observation, "turns": e.turns}
+    return {"schema": SCHEMA_VERSION, "source": "eval", "run": run, "seed": seed, **episode_record(e)}
 
 
 def markdown(summary):
@@ -268,6 +275,9 @@ def markdown(summary):
         wm = summary["wm_eval"]
         lines.append(f"world model: next-observation NLL {wm['nll_per_token']:.3f} nats/token, top-1 accuracy "
                      f"{100 * wm['top1_accuracy']:.1f} % over {wm['tokens']} tokens")
+    if "imagine" in summary:
+        lines.append(f"imagined observations: token overlap {summary['imagine']['overlap']:.3f} (F1), exact "
+                     f"{100 * summary['imagine']['exact']:.1f} % of {summary['imagine']['turns']} turns")
     return "\n".join(lines)
 
 
@@ -279,6 +289,12 @@ def play_and_summarize(args, chat, model, workers):
     summary = summarize(args, runs, seeds)
     if args.wm_eval:
         summary["wm_eval"] = wm_diagnostic(model, [e for eps in runs for e in eps])
+    if args.episode_details:
+        add_token_values(model, chat.tokenizer, [e for eps in runs for e in eps])
+    if args.imagine:
+        turns = imagine(model, chat, [e for eps in runs for e in eps], args.max_observation_tokens, args.batch_size)
+        summary["imagine"] = {"overlap": statistics.fmean(o for o, _ in turns) if turns else 0.0,
+                              "exact": sum(exact for _, exact in turns) / max(len(turns), 1), "turns": len(turns)}
     return summary, runs
 
 

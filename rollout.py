@@ -169,12 +169,14 @@ def add_reply(e, t, reply, logprobs, chat, budget):
 
 def add_observation(e, t, text, step, chat, budget, last_turn, show_admissible, max_observation_tokens):
     """Record the environment's answer and append o_{t+1} (the WM target), then the next assistant header."""
+    shown = e.last.admissible if show_admissible else None  # the actions listed beside the observation answered
     if isinstance(step, Exception):  # a crashing environment ends only this episode, as a failure
-        e.turns.append({"reply": text, "action": None, "observation": None, "reward": 0.0, "valid": False})
+        e.turns.append({"reply": text, "action": None, "observation": None, "reward": 0.0, "valid": False,
+                        "admissible": shown})
         e.error, e.finished = f"step {t}: {type(step).__name__}: {step}", True
         return
     e.turns.append({"reply": text, "action": step.action, "observation": step.observation,
-                    "reward": step.reward, "valid": step.valid})
+                    "reward": step.reward, "valid": step.valid, "admissible": shown})
     e.last, e.won, e.task_return = step, e.won or step.won, e.task_return + step.reward
 
     def fits(n):
@@ -214,7 +216,15 @@ def episode_fields(episodes):
         "step_parsed": [[turn["action"] is not None for turn in e.turns] for e in episodes],
         "anchors": [[e.first_observation] + [turn["observation"] for turn in e.turns[:-1]] if e.turns else []
                     for e in episodes],
+        "record": [episode_record(e) for e in episodes],  # what episode_log.py records of it (view.py)
     }
+
+
+def episode_record(e):
+    """The episode as its record (episode_log.py) begins, before any token values; eval.py writes one per game."""
+    return {"game": e.env.game, "task_type": e.env.task_type, "won": e.won, "task_return": e.task_return,
+            "steps": len(e.turns), "invalid_actions": e.invalid_actions, "truncated": e.truncated, "error": e.error,
+            "first_observation": e.first_observation, "turns": e.turns}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from trl.models import unwrap_model_for_generation
 from advantages import anchor_group_ids, gigpo_advantages, per_token, rloo_advantages
 from env_workers import EnvWorkers
 from envs import DataMissing, EnvArguments, env_class
+from episode_log import EpisodeLog, EpisodeLogArguments
 from gpu_cards import CARDS, find_card
 from long_runs import CURRICULUM_FILE, CurriculumCheckpoint, SkipNonFiniteSteps, checkpoint_to_resume
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
@@ -41,7 +42,7 @@ from wm_select import action_entropy, per_transition_mean, select_top, selection
 
 
 @dataclass
-class PaWArguments(EnvArguments):
+class PaWArguments(EpisodeLogArguments, EnvArguments):
     wm: Literal["off", "echo", "paw"] = field(
         default="paw", metadata={"help": "off: plain GRPO. echo: ECHO-style CE on all transitions. paw: PaW."})
     wm_beta: float | None = field(
@@ -148,13 +149,13 @@ class PaWTrainer(GRPOTrainer):
     def __init__(self, *args, paw: PaWArguments, **kwargs):
         super().__init__(*args, **kwargs)
         check_temperature(paw, self.args)
-        self.paw = paw
+        self.paw, self.episode_log = paw, EpisodeLog(self)  # what a run records about its episodes: episode_log.py
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         # TRY NOT TO MODIFY: keep the log-probs (with their graph) and entropies of the policy-loss forward, which
         # scores every completion token, observations included. TRL asks for entropies only in that forward.
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if kwargs.get("compute_entropy") and self.paw.wm != "off":
+        if kwargs.get("compute_entropy") and (self.paw.wm != "off" or self.episode_log.recording):
             self._policy_forward = (logps, entropies)
         return logps, entropies, aux_loss
 
@@ -186,7 +187,7 @@ class PaWTrainer(GRPOTrainer):
         output["group_return"] = returns.view(-1, group).mean(dim=1).repeat_interleave(group)[local]
         if self.paw.advantage != "grpo":  # (B,) or (B, L): TRL's loss takes either as it is
             output["advantages"] = self._advantages(inputs, group, output["action_index"], local)
-        self._log_episodes(inputs, rollout_seconds)
+        self.episode_log.rollout(inputs, output, rollout_seconds)  # statistics; a logged step's episodes
         return output
 
     def _advantages(self, inputs, group, action_index, local):
@@ -221,12 +222,12 @@ class PaWTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # TRL's GRPO loss, unchanged
+        logps, token_entropy = self.__dict__.pop("_policy_forward", (None, None))  # L_RL's forward: no second pass
         if self.paw.wm == "off":
+            self.episode_log.micro_batch(inputs, logps, token_entropy)  # on a logged step, what the forward computed
             return loss
         # ALGO LOGIC: L = L_RL + beta * mean over selected transitions t of lambda_g(t) * L_WM(t)
         paw = self.paw
-        logps, token_entropy = self._policy_forward  # the forward that produced L_RL: no second pass
-        del self._policy_forward
         action_index, obs_index = inputs["action_index"], inputs["obs_index"]
         num_transitions = int(torch.maximum(action_index.max(), obs_index.max()).clamp(min=0)) + 1
         entropy = action_entropy(token_entropy, action_index, num_transitions)  # (B, T), no gradient
@@ -245,6 +246,7 @@ class PaWTrainer(GRPOTrainer):
         if self.model.training:
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         loss = loss + paw.wm_beta * wm_objective(transition_loss, selected, weight, normalizer)
+        self.episode_log.micro_batch(inputs, logps, token_entropy, entropy, selected, transition_loss, weight)
 
         # TRY NOT TO MODIFY: logging
         with torch.no_grad():
@@ -259,23 +261,6 @@ class PaWTrainer(GRPOTrainer):
         for name, value in stats.items():
             self._metrics[mode][name].append(self.accelerator.gather(value.detach().float()).mean().item())
         return loss
-
-    def _log_episodes(self, inputs, rollout_seconds):
-        mode = "train" if self.model.training else "eval"
-        stats = {key: self.accelerator.gather(torch.tensor([float(row[key]) for row in inputs],
-                                                           device=self.accelerator.device))
-                 for key in ("success", "num_steps", "invalid_actions", "env_error")}
-        steps, invalid = stats["num_steps"], stats["invalid_actions"]
-        self._metrics[mode]["episode/success_rate"].append(stats["success"].mean().item())
-        self._metrics[mode]["episode/length"].append(steps.mean().item())
-        self._metrics[mode]["episode/invalid_action_rate"].append((invalid.sum() / steps.sum().clamp(min=1)).item())
-        self._metrics[mode]["episode/env_error_rate"].append(stats["env_error"].mean().item())
-        generated = sum(index >= 0 for row in inputs for index in row["action_index"])
-        self._metrics[mode]["time/rollout_s"].append(rollout_seconds)
-        self._metrics[mode]["time/generated_tokens_per_s"].append(generated / rollout_seconds)
-        for option in env_class(self.paw.env).logged_options:  # e.g. the level a curriculum has reached
-            if option in inputs[0]:
-                self._metrics[mode][f"episode/{option}"].append(float(inputs[0][option]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

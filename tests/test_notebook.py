@@ -1,5 +1,6 @@
 """notebooks/paw.ipynb, executed headless as CI's machine runs it (no GPU): it prints the plan, trains the CPU
-agent with checkpoints, continues from them in a second session, evaluates and plots."""
+agent with checkpoints, continues from them in a second session, evaluates, shows the newest recorded step's episodes
+and plots."""
 
 import json
 from pathlib import Path
@@ -37,4 +38,7 @@ def test_the_notebook_trains_the_cpu_agent_resumes_in_a_new_session_evaluates_an
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2]
     assert (run_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    pages = [output["data"]["text/html"] for cell in notebook.cells for output in cell.get("outputs", [])
+             if "text/html" in output.get("data", {})]  # the newest recorded step's episodes, inline
+    assert len(pages) == 1 and pages[0].startswith("<iframe srcdoc=") and "paw-blobs" in pages[0]
     assert any("image/png" in output.get("data", {}) for output in notebook.cells[-1].outputs)
