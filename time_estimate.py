@@ -23,7 +23,12 @@ Not counted: the optimizer step, TRL's scoring, --beta's reference forward, --nu
 compile or CUDA graphs (not used), and a GPU slowed by heat or a shared host.
 """
 
+import ast
+import functools
 import os
+from pathlib import Path
+
+import torch
 
 from envs import env_class
 from gpu_cards import CARDS, find_card
@@ -79,9 +84,7 @@ PREFILL_EFFICIENCY = 0.5  # of the peak, for prefill's large matmuls: optimum's 
 # Of the peak, for forward + recompute + backward, counted in hardware FLOPs (the recompute included): the Qwen README's
 # LoRA rows on an A100 at 4096 and 8192 tokens reach 49-51% for Qwen-7B and 33-37% for Qwen-1.8B.
 TRAIN_EFFICIENCY = {"low": 0.51, "high": 0.33}
-# bitsandbytes 0.50 (backends/cuda/ops.py, gemm_4bit) runs dequantize + F.linear for more rows than this, and for an
-# inner dimension that is not a multiple of the block size; up to 4 rows always take its fused kernel.
-FUSED_MAX_ROWS, FUSED_MIN_ROWS, BLOCKSIZE = 1536, 4, 64
+BLOCKSIZE = 64  # bitsandbytes' 4-bit block: an inner dimension that is no multiple of it takes dequantize + F.linear
 
 # A typical turn, against the worst case's full-length reply and TURN_TOKENS (shared/notes/alfworld-token-budget.md):
 TYPICAL_REPLY_TOKENS = 70  # a short thought (about 60 tokens) and the action in its tags (about 10)
@@ -89,94 +92,36 @@ TYPICAL_TURN_TOKENS = 210  # observation (mean 23) + admissible list (mean 173) 
 HOURS_PER_SESSION = 12  # a Colab or Kaggle session
 
 
+@functools.cache
+def bitsandbytes_dispatch():
+    """bitsandbytes' own choice between its fused 4-bit kernel and dequantize + F.linear, `_gemm_4bit_use_custom_cuda`
+    in the installed backends/cuda/ops.py, and its row limits. That module imports only with a CUDA torch, so the
+    function is compiled from its source alone, with the card's SM count and compute capability in place of the GPU's
+    (`_gpu_dispatch_props`, the one call it makes)."""
+    import bitsandbytes  # the pinned 0.50.2; another version's heuristic follows it
+
+    tree = ast.parse((Path(bitsandbytes.__file__).parent / "backends" / "cuda" / "ops.py").read_text())
+    assigned = {}  # each name's first assignment: the CUDA branch's (ROCm's follows in the else branch)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            assigned.setdefault(node.targets[0].id, node.value)
+    function = next(node for node in tree.body if getattr(node, "name", "") == "_gemm_4bit_use_custom_cuda")
+    function.decorator_list = []
+    namespace = {"torch": torch, "_GEMM_4BIT_CUSTOM_FLOOR_M": ast.literal_eval(assigned["_GEMM_4BIT_CUSTOM_FLOOR_M"])}
+    exec(compile(ast.Module([function], []), "bitsandbytes/backends/cuda/ops.py", "exec"), namespace)
+    return namespace, ast.literal_eval(assigned["_gemm_4bit_custom_max_m"])
+
+
 def fused_4bit(card, rows, n, k):
     """Whether bitsandbytes 0.50 multiplies `rows` rows by an (n x k) 4-bit weight with its fused kernel (else it
-    dequantizes the weight to 16 bits, then F.linear), on `card` in its compute dtype (fp16 on a T4, bf16 after).
-
-    The same decision as gemm_4bit and _gemm_4bit_use_custom_cuda in bitsandbytes/backends/cuda/ops.py (0.50.2),
-    written out for the compute capabilities of gpu_cards.py (7.5, 8.0, 8.6, 8.9, 9.0); tests/test_time_estimate.py
-    compares the two over every card, preset shape and row count."""
-    if rows > FUSED_MAX_ROWS or k % BLOCKSIZE:
+    dequantizes the weight to 16 bits, then F.linear), on `card` in its compute dtype (fp16 on a T4, bf16 after):
+    bitsandbytes' own decision (gemm_4bit in backends/cuda/ops.py), made for the card's SM count and compute
+    capability."""
+    namespace, max_rows = bitsandbytes_dispatch()
+    if rows > max_rows or k % BLOCKSIZE:
         return False
-    if rows <= FUSED_MIN_ROWS:
-        return True
-    sms, (major, minor) = card.sms, card.compute_capability
-    blocks = (n + 63) // 64
-    if major < 7 or (major == 7 and (minor < 5 or card.bf16)):
-        return rows < 8
-    sm75, sm80, sm86, sm90 = (major, minor) == (7, 5), (major, minor) == (8, 0), (major, minor) == (8, 6), major == 9
-    hbm = sm80 or sm90
-    if n * k < 4 * 1024 * 1024:  # small weights
-        if k * 2 < n:
-            if hbm:
-                low_wave = blocks * 3 < sms
-                return rows <= ((1536 if low_wave else 512) if sm80 else (512 if low_wave else 320))
-            if sm75:
-                if blocks >= sms * 3:
-                    return rows <= 320
-                return rows <= (64 if k >= 1024 else 96 if k >= 704 else 320)
-            if blocks >= sms:
-                return rows <= 320
-            return rows <= (192 if blocks * k > sms * 320 else 320)
-        quarter_wave = blocks * 4 <= sms
-        if sm80 and quarter_wave:
-            if k >= n:
-                return rows <= (32 if blocks * 8 <= sms else 128)
-            return rows <= 384
-        if sm75 and blocks < sms and rows > 8:
-            return rows <= 64
-        if quarter_wave:
-            return rows <= (32 if (k < n or hbm) else 23)
-        return rows <= 16 if blocks * 2 <= sms else False
-    if rows > 512:
-        return False
-    if rows < 8:
-        if hbm and rows >= 6 and blocks >= (36 if sm90 else 48):
-            under_75, under_60 = blocks * 4 < sms * 3, blocks * 5 < sms * 3
-            if k > n and under_75:
-                return False
-            if k == n and ((sm80 and under_60) or (sm90 and under_75 and not under_60)):
-                return False
-        return True
-    if sm75:
-        if blocks >= sms * 3:
-            return rows <= (128 if k < n else 64)
-        return rows <= (64 if blocks >= sms // 2 else 32)
-    if sm80:
-        if blocks >= sms * 3:
-            return rows <= 128
-        if blocks >= sms:
-            return rows <= (64 if k < n else 32)
-        if (k >= n * 3 and blocks * 4 > sms) or (k == n and blocks >= 48 and blocks * 5 < sms * 3):
-            return False
-        if blocks * 2 < sms:
-            if k <= n:
-                return rows <= 128
-            if blocks * 3 >= sms:
-                return False
-        return rows <= (128 if blocks >= sms // 2 and k < n else 16)
-    if sm86:
-        return rows <= (128 if blocks >= sms else 64 if blocks >= sms // 2 else 16)
-    if sm90:
-        if blocks >= sms * 2:
-            return rows <= (64 if blocks >= sms * 3 else 48)
-        if blocks >= sms:
-            return rows <= 32
-        if blocks >= sms // 2:
-            return False if k >= n and blocks * 4 < sms * 3 else rows <= 16
-        return False
-    # sm89 (RTX 4090, L4, L40S)
-    if blocks >= sms * 2:
-        return rows <= (256 if blocks >= sms * 3 else 128)
-    if blocks * 5 >= sms * 4:
-        if k > n * 2 or blocks >= 200:
-            return rows <= 128
-        return rows <= ((128 if sms >= 60 else 32) if k >= n else 64)
-    if blocks >= sms // 2:
-        return rows <= (64 if k > n * 2 else 8 if blocks >= 64 else 32)
-    if k > n and blocks <= 48:
-        return rows <= (12 if k >= n * 3 else 10)
-    return rows <= (16 if (k > n * 2 or blocks < 48) else 8)
+    namespace["_gpu_dispatch_props"] = lambda device: (card.sms, *card.compute_capability)
+    return namespace["_gemm_4bit_use_custom_cuda"](0, torch.bfloat16 if card.bf16 else torch.float16, rows, n, k)
 
 
 def forward_seconds(shape, card, rows, keys, compute_efficiency, *, quantization="nf4", double_quant=True,
