@@ -55,6 +55,10 @@ CARDS = {
                  "our device tool's H200 machines report about 139 GiB)"),
 }
 
+# FP32 peak TFLOPS (no tensor cores; PyTorch's fp32 matmuls use none unless TF32 is on, and a card without bf16 has no
+# TF32) of the cards that train in fp16: where fp16 overflows, float32 is what is left (plan.overflow_remedies).
+FP32_TFLOPS = {"T4": 8.1}  # NVIDIA T4 datasheet: "Single-Precision 8.1 TFLOPS"
+
 
 def find_card(name):
     """The card named by `--gpu` (a key of CARDS, any case) or by torch.cuda.get_device_name(); None if unknown."""
