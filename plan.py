@@ -391,17 +391,22 @@ def overflow_remedies(paw, args, model_args):
         return step_time(shape, card, paw, args, model_args, **layout)["step"] if shape and card else None
 
     if card and card.bf16:
-        return [(dict(dtype="bfloat16", bf16=True, fp16=False), seconds(shape, card, model_args))]
+        return [(dict(dtype="bfloat16", bf16="true", fp16="false"), seconds(shape, card, model_args))]
     fp32 = float32_card(card)
-    remedies = [(dict(dtype="float32", fp16=False), seconds(shape, fp32, model_args))]
+    remedies = [(dict(dtype="float32", fp16="false"), seconds(shape, fp32, model_args))]
     if shape is None:
         return remedies
+
+    def size(preset):
+        return sum(parameter_counts(preset)[:2])
+
+    family = model_args.model_name_or_path.split("-")[0]  # e.g. Qwen/Qwen2.5: its own smaller models first
+    smaller = [(name, other) for name, other in PRESETS.items() if size(other) < size(shape)]
     unquantized = dataclasses.replace(model_args, load_in_4bit=False)
-    smaller = [(n, p) for n, p in PRESETS.items() if sum(parameter_counts(p)[:2]) < sum(parameter_counts(shape)[:2])]
-    for name, other in sorted(smaller, key=lambda item: -sum(parameter_counts(item[1])[:2])):
+    for name, other in sorted(smaller, key=lambda item: (not item[0].startswith(family), -size(item[1]))):
         layout = fit_run(other, paw, args, unquantized, HEADROOM * card_gib / 2)
         if layout is not None:
-            flags = dict(model_name_or_path=name, load_in_4bit=False, dtype="float32", fp16=False, **layout)
+            flags = dict(model_name_or_path=name, load_in_4bit="false", dtype="float32", fp16="false", **layout)
             return remedies + [(flags, seconds(other, fp32, unquantized, **layout))]
     return remedies
 
@@ -412,11 +417,13 @@ def nonfinite_logits_message(error, paw, args, model_args, steps_done):
     lines = [f"step {steps_done + 1}, in its rollout: {error}. Tokens sampled from them would be noise, so the run "
              "stopped."]
     if model_args.dtype == "float16" or args.fp16:
-        card = planned_card(paw.gpu, paw.gpu_memory_gib)[0]
+        card, card_gib, _ = planned_card(paw.gpu, paw.gpu_memory_gib)
+        shape = planned_shape(model_args.model_name_or_path, card_gib)
+        now = f"this run: {duration(step_time(shape, card, paw, args, model_args)['step'])}; " if shape and card else ""
         lines += ["  likely cause: float16 overflowed (it tops out at 65504). Qwen2-family models were trained in "
                   "bfloat16, and in float16 their activations can overflow" + (
                       "" if card and card.bf16 else ", on a card without bfloat16 such as a T4") + ".",
-                  "  flags that avoid it, with the estimated time of a step (ESTIMATES, not measured):"]
+                  f"  flags that avoid it, with the estimated time of a step ({now}ESTIMATES, not measured):"]
         for flags, seconds in overflow_remedies(paw, args, model_args):
             lines.append(f"    {as_flags(flags)}: " + (f"{duration(seconds)} a step" if seconds else
                                                        "no time estimate for this card or model"))

@@ -82,8 +82,8 @@ def test_the_message_of_a_t4_run_names_its_cause_and_flags_that_avoid_it_with_th
     shape, t4 = plan.planned_shape(model_args.model_name_or_path, 15), plan.find_card("t4")
     step = plan.step_time(shape, t4, paw, args, model_args)["step"]
     fp32 = plan.step_time(shape, plan.float32_card(t4), paw, args, model_args)["step"]
-    assert f"--dtype float32 --fp16 False: {plan.duration(fp32)} a step" in message and fp32 > 2 * step
-    assert "--model_name_or_path Qwen/Qwen2.5-" in message and "--load_in_4bit False" in message
+    assert f"--dtype float32 --fp16 false: {plan.duration(fp32)} a step" in message and fp32 > 2 * step
+    assert "--model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --load_in_4bit false --dtype float32" in message
     assert "no checkpoint was saved yet" in message
 
 
