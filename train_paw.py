@@ -32,7 +32,7 @@ from advantages import anchor_group_ids, gigpo_advantages, per_token, rloo_advan
 from env_workers import EnvWorkers
 from envs import DataMissing, EnvArguments, env_class
 from gpu_cards import CARDS, find_card
-from long_runs import CURRICULUM_FILE, CurriculumCheckpoint, SkipNonFiniteSteps, checkpoint_to_resume
+from long_runs import CURRICULUM_FILE, CurriculumCheckpoint, SkipNonFiniteSteps, checkpoint_to_resume, end_process
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
 from models import LOCAL_RUN_FLAGS, ModelMissing, load_model, model_flags, upcast_trainable
 from plan import fit_to_machine, print_plan, stop_message
@@ -381,7 +381,7 @@ def main(argv=None, callbacks=()):
         if nonfinite.stopped:
             print(f"error: {nonfinite.stop_message(training_args.output_dir, trainer.state.global_step)}",
                   file=sys.stderr)
-            sys.exit(1)
+            end_process(1)
         trainer.save_model(training_args.output_dir)
         trainer.save_state()  # trainer_state.json: the run's log, which curves.py plots
         trainer.accelerator.wait_for_everyone()  # under torchrun, end together: gloo's threads may abort a process
@@ -390,10 +390,10 @@ def main(argv=None, callbacks=()):
         if (message := stop_message(error, paw, training_args, model_args, trainer.state.global_step)) is None:
             raise  # an error with no advice
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        end_process(1)
     finally:
         workers.close()
-    return trainer
+    return end_process(0, trainer)  # under torchrun the process ends here, without teardown (long_runs.py says why)
 
 
 if __name__ == "__main__":

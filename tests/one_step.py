@@ -21,7 +21,7 @@ from scripted import ScriptedEnv, scripted_policy  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
-from long_runs import apply_ddp_timeout  # noqa: E402
+from long_runs import apply_ddp_timeout, end_process  # noqa: E402
 from rollout import ChatFormat, play  # noqa: E402
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward  # noqa: E402
 
@@ -71,6 +71,7 @@ def main(model_dir, out, wm, advantage, micro_batch="4"):
     # destroy the process group together: left to exit, gloo's threads may abort a process (SIGABRT)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    end_process()  # as train_paw.py ends: never tearing down the DDP model, whose teardown can deadlock
 
 
 if __name__ == "__main__":
