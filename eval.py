@@ -31,7 +31,7 @@ from episode_log import SCHEMA_VERSION, add_token_values, imagine
 from memory_estimate import PROMPT_TOKENS
 from models import ModelMissing, hardware_dtype, load_model
 from plan import HEADROOM, fit_eval_batch, gpu_memory_gib, planned_shape
-from rollout import ChatFormat, ModelPolicy, episode_record, expert_policy, play, random_policy
+from rollout import ChatFormat, ModelPolicy, NonFiniteLogits, episode_record, expert_policy, play, random_policy
 from tiny_model import tiny_model_path
 
 SPLITS = list(ALFWORLD_SPLITS)  # every environment names its splits train / eval_in_distribution / ..._out_of_...
@@ -298,6 +298,21 @@ def play_and_summarize(args, chat, model, workers):
     return summary, runs
 
 
+def nonfinite_message(error, args):
+    """What to do when the model's logits held NaN or inf: greedy decoding would have made replies of them."""
+    if args.dtype != "float16":
+        cause = (f"the model computes in {args.dtype}, where an overflow is unlikely: its weights hold NaN or inf "
+                 "(a diverged training run?)")
+    elif torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        cause = "likely cause: float16 overflowed (it tops out at 65504); --dtype bfloat16 avoids it at the same speed"
+    else:
+        cause = ("likely cause: float16 overflowed (it tops out at 65504; Qwen2-family models were trained in "
+                 "bfloat16), on a GPU without bfloat16 such as a T4. --dtype float32 avoids it: a T4 multiplies "
+                 "float32 at 8.1 TFLOPS against 65 in float16 (NVIDIA's figures), and its activations and KV cache "
+                 "take twice the memory (halve --batch_size if it runs out)")
+    return f"{error}. Replies decoded from them would be noise: nothing was scored or written.\n  {cause}."
+
+
 def evaluate(args):
     workers = EnvWorkers(args.env_workers, args.env_timeout)  # forked before the model loads: small
     try:
@@ -309,6 +324,9 @@ def evaluate(args):
     except torch.OutOfMemoryError:
         print(f"error: the GPU ran out of memory playing {args.batch_size} games at once: try --batch_size "
               f"{max(1, args.batch_size // 2)} (or a shorter --max_completion_length)", file=sys.stderr)
+        sys.exit(1)
+    except NonFiniteLogits as error:
+        print(f"error: {nonfinite_message(error, args)}", file=sys.stderr)
         sys.exit(1)
     finally:
         workers.close()

@@ -73,6 +73,9 @@ CARDS = {
 # With no GPU, gpu_check.py's smoke run needs a "card" for the time estimate: one core of our CI machine (bench.py's
 # training step runs at about 50 GFLOP/s) and a memory bandwidth we assume. It only shows that both sides are computed.
 SMOKE_CPU = Card("CPU (smoke size)", 0, 10, 0.05, False, "cpu", "", "bench.py on our 2-core CPU; bandwidth assumed")
+# FP32 peak TFLOPS (no tensor cores; PyTorch's fp32 matmuls use none unless TF32 is on, and a card without bf16 has no
+# TF32) of the cards that train in fp16: where fp16 overflows, float32 is what is left (plan.overflow_remedies).
+FP32_TFLOPS = {"T4": 8.1}  # NVIDIA T4 datasheet: "Single-Precision 8.1 TFLOPS"
 
 
 def find_card(name):

@@ -9,7 +9,9 @@ loads each as train_paw.py does (with LoRA; NF4, or a 16-bit base where the plan
 bf16) and runs a few real train_paw.py steps with the plan train_paw.py makes for this card. The environment has
 ALFWorld's longest token lengths (a 600-token prompt, 500 tokens fed per turn) and every reply runs to its token cap:
 the worst case the estimates assume. No ALFWorld, no Hub. It prints, per shape, the peak memory and the seconds of a
-step against their estimates, and writes a JSON to paste into an issue. The smallest shapes go first, and a shape
+step against their estimates, and whether any NaN or inf appeared in its rollout (logits) or training (logged loss,
+gradient norm, ...), and writes a JSON to paste into an issue. Random weights do not overflow float16 as trained ones
+can: "none" here does not clear a trained model. The smallest shapes go first, and a shape
 runs only if its estimated time fits what is left of --minutes at the time estimate's high end (it says which it
 skips). With no GPU it runs the same code at smoke size, which CI does.
 
@@ -24,6 +26,7 @@ import contextlib
 import gc
 import io
 import json
+import math
 import os
 import platform
 import resource
@@ -49,7 +52,7 @@ from gpu_cards import CARDS, SMOKE_CPU, find_card  # noqa: E402
 from memory_estimate import GIB, PRESETS, PROMPT_TOKENS, TURN_TOKENS, load_shape, parameter_counts  # noqa: E402
 from plan import HEADROOM, gpu_memory_gib, gpu_name, run_peak, step_settings, step_time  # noqa: E402
 from models import load_tokenizer  # noqa: E402
-from rollout import ChatFormat  # noqa: E402
+from rollout import ChatFormat, NonFiniteLogits  # noqa: E402
 from tiny_model import TINY_SHAPE, cached, tiny_model_path  # noqa: E402
 
 # The configurations of Qwen2.5-0.5B-, 1.5B- and 7B-Instruct, as their config.json files on the Hugging Face Hub
@@ -220,11 +223,19 @@ def estimates(argv, card):
 def measure(argv):
     """Run train_paw.py; per step its seconds (TRL's step_time: the rollout and the training passes) and the
     rollout's (with TRL's scoring of it); the peak memory of the run (GPU: the CUDA allocator's; CPU: the process's
-    peak resident size, which includes everything Python loaded)."""
+    peak resident size, which includes everything Python loaded); and whether a NaN or inf appeared in the rollout's
+    logits (which stops the run: no steps then) or in what training logged."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = train_paw.main(argv)
+    try:
+        trainer = train_paw.main(argv)
+    except SystemExit as stop:  # train_paw.py printed why; NaN or inf logits are a finding of this check
+        if not isinstance(stop.__context__, NonFiniteLogits):
+            raise
+        return [], {}, {"rollout": True, "training": False}
     logs = [entry for entry in trainer.state.log_history if "step_time" in entry]
+    nonfinite = {"rollout": False, "training": any(isinstance(value, float) and not math.isfinite(value)
+                                                   for entry in logs for value in entry.values())}
     steps = [{"step_s": e["step_time"], "rollout_s": e["time/rollout_s"],
               "training_s": e["step_time"] - e["time/rollout_s"],
               "generated_tokens_per_s": e["time/generated_tokens_per_s"], "turns": e["episode/length"]} for e in logs]
@@ -237,7 +248,7 @@ def measure(argv):
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return steps, memory
+    return steps, memory, nonfinite
 
 
 def check(name, card, cache, options, steps, on_gpu):
@@ -247,11 +258,11 @@ def check(name, card, cache, options, steps, on_gpu):
         argv = run_argv(folder, options, steps, output_dir, on_gpu)
         settings, peak, (time_estimate, low), arguments = estimates(argv, card)
         start = time.time()
-        measured, memory = measure(argv)
-    last = measured[-1]  # the first step also pays for warming up (kernels, allocator)
+        measured, memory, nonfinite = measure(argv)
+    last = measured[-1] if measured else {}  # the first step also pays for warming up (kernels, allocator)
     estimated, row = {"peak_gib": peak}, {}
     keys = ("step", "rollout", "training", "generated_tokens_per_s", "turns")
-    if time_estimate:  # the high end (what the budget plans for), and the low end
+    if time_estimate and measured:  # the high end (what the budget plans for), and the low end
         estimated.update({key: time_estimate[key] for key in keys}, low_end={key: low[key] for key in keys})
         # a calibration.py row of this step: Measurement(**row) joins it to the published ones
         key = next((key for key, known in CARDS.items() if known == card), "cpu")
@@ -264,9 +275,9 @@ def check(name, card, cache, options, steps, on_gpu):
                             f"{bitsandbytes.__version__}, random weights", source=f"gpu_check.py on {gpu_name()}",
                    settings=arguments)
     return {"model": name, "weights": "random", "settings": settings, "steps": measured, "wall_s": time.time() - start,
-            "measured": {**memory, "step_s": last["step_s"], "rollout_s": last["rollout_s"],
-                         "training_s": last["training_s"], "generated_tokens_per_s": last["generated_tokens_per_s"]},
-            "estimated": estimated, "measurement": row}
+            "measured": {**memory, **{key: last[key] for key in ("step_s", "rollout_s", "training_s",
+                                                                 "generated_tokens_per_s") if key in last}},
+            "estimated": estimated, "measurement": row, "nonfinite": nonfinite}
 
 
 def planned_seconds(name, card, options, steps):
@@ -283,19 +294,23 @@ def table(result):
     lines = [f"gpu_check: {result['gpu'] or 'no GPU (smoke size)'} as {result['card'] or 'an unknown card'}, "
              f"{result['date'][:10]}; measured (last step) against the ESTIMATE in brackets",
              f"| model | steps | {memory} | estimated peak GiB | step s | rollout s | training s | "
-             "generated tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "generated tokens/s | NaN or inf: rollout / training |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result["shapes"]:
         m, e = row["measured"], row["estimated"]
         peak = (f"{m['peak_allocated_gib']:.1f} / {m['peak_reserved_gib']:.1f}" if "peak_allocated_gib" in m else
-                f"{m['peak_resident_gib']:.1f}")
+                f"{m['peak_resident_gib']:.1f}" if m else "-")
 
         def pair(key, estimated_key):
-            return f"{m[key]:.1f} ({e[estimated_key]:.1f})" if estimated_key in e else f"{m[key]:.1f} (-)"
+            value = f"{m[key]:.1f}" if key in m else "-"  # none where NaN logits stopped the run
+            return f"{value} ({e[estimated_key]:.1f})" if estimated_key in e else f"{value} (-)"
 
+        found = " / ".join("yes" if row["nonfinite"][phase] else "none" for phase in ("rollout", "training"))
         lines.append(f"| {row['model']} | {len(row['steps'])} | {peak} | {e['peak_gib']:.1f} | {pair('step_s', 'step')}"
                      f" | {pair('rollout_s', 'rollout')} | {pair('training_s', 'training')} | "
-                     f"{pair('generated_tokens_per_s', 'generated_tokens_per_s')} |")
+                     f"{pair('generated_tokens_per_s', 'generated_tokens_per_s')} | {found} |")
     lines += [f"skipped {s['model']}: {s['reason']}" for s in result["skipped"]]
+    lines.append("NaN or inf: random weights do not overflow float16 as trained ones can, so none here does not clear "
+                 "a trained model")
     return "\n".join(lines)
 
 

@@ -1,8 +1,12 @@
 """What keeps a days-long run going (README, "Long runs"): resuming from the newest checkpoint whose save finished,
-the curriculum saved with each checkpoint, and optimizer steps with a NaN or inf gradient skipped."""
+the curriculum saved with each checkpoint, optimizer steps with a NaN or inf gradient skipped, a message when another
+process of the run stops answering, and processes that end without hanging."""
 
+import atexit
 import json
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -84,3 +88,47 @@ class SkipNonFiniteSteps(TrainerCallback):
         return (f"{self.limit} optimizer steps in a row had a NaN or inf gradient, so the run stopped at step {step} "
                 f"(none of them changed the weights). Try a lower --learning_rate or --max_grad_norm; "
                 + (f"{last} is intact." if last else "no checkpoint was saved."))
+
+
+def apply_ddp_timeout(args):
+    """Give the process group --ddp_timeout on a CPU too: transformers 5.23 passes it only to GPU process groups
+    (TrainingArguments._setup_devices), so gloo would wait 30 minutes for a process that stopped answering."""
+    if args.use_cpu and torch.distributed.is_initialized():
+        torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=args.ddp_timeout))
+
+
+def lost_peer(error):
+    """Whether `error` is this process giving up on another process of the run: a collective that waited longer than
+    --ddp_timeout, or whose peer closed its connection (gloo raises RuntimeErrors from its transport; NCCL with
+    TORCH_NCCL_BLOCKING_WAIT=1 and the store raise torch.distributed's errors)."""
+    return isinstance(error, torch.distributed.DistError) or "gloo/transport" in str(error)
+
+
+def lost_peer_message(error, output_dir, timeout, where):
+    """What happened `where` (e.g. "step 3") when another process stopped answering, and the checkpoint to resume
+    from."""
+    reason = str(error).splitlines()[0].split("] ", 1)[-1]  # gloo's message, without its source file
+    last = last_complete_checkpoint(output_dir)
+    return (f"{where}: process {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)} waited for "
+            f"another process of the run, which did not answer within --ddp_timeout ({timeout} s) or has ended (its "
+            f"own messages say why): {reason}\n  "
+            + (f"{last} is intact: run again with --resume_from_checkpoint last" if last else
+               "no checkpoint was saved yet"))
+
+
+def end_process(code=0, result=None):
+    """Where a train_paw.py process ends: `result` returned, or sys.exit(code) for an error. Under torchrun (WORLD_SIZE
+    > 1) it exits at once instead, after the exit handlers and with its output flushed, without tearing its objects
+    down: there PyTorch 2.13 can deadlock. Freeing the DDP model frees its reducer with the GIL held (pybind11), and
+    when the reducer holds the last reference to the gloo process group (destroy_process_group dropped the others),
+    the group's destructor joins gloo's worker threads, one of which waits for the GIL to free the tensors of a
+    finished collective: a process that hangs after its run ended (1 in 30 two-process runs of tests/one_step.py on a
+    loaded CPU; README, "Long runs")."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+    return result

@@ -85,13 +85,30 @@ def load_model(model_args: ModelConfig, device, adapter=None):
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     path = model_path(model_args.model_name_or_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    attention = model_args.attn_implementation
+    if model_args.dtype == "float16":  # a GPU without bfloat16 (T4)
+        attention = keep_float16_in_range(attention)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=get_quantization_config(model_args),
-        attn_implementation=model_args.attn_implementation, device_map={"": device},
+        attn_implementation=attention, device_map={"": device},
     )
     if adapter:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     return model, tokenizer
+
+
+def keep_float16_in_range(attention):
+    """Float16 tops out at 65504, and Qwen2-family models, trained in bfloat16, overflow it (NaN logits, replies of
+    "!!!!": QwenLM/Qwen3 issues 761, 826, 868). Every fp16 matmul then sums in float32 to the end: PyTorch by default
+    lets cuBLAS add the split-K partial sums of a large inner dimension in fp16. Cost, an ESTIMATE: PyTorch's CUDA
+    notes measured on a V100 the same speed for inner dimensions up to 4128 and 1.2-1.6x slower matmuls from 4144 to
+    16384 ("Reduced Precision Reduction in FP16 GEMMs"); in Qwen2.5-7B those are the MLP's down projection and the
+    backward pass of its gate and up projections and of the LM head, about 40% of a training step's matmul FLOPs, so
+    up to about 25% slower training and a few % slower decoding (never measured on a T4). Attention stays on PyTorch's
+    SDPA, transformers' default, whose fused kernels accumulate in float32; eager attention's fp16 q·k overflows
+    (transformers PR 33317: NaN perplexity in fp16 with eager, none with SDPA). A flag you pass wins."""
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    return attention or "sdpa"
 
 
 def upcast_trainable(model):

@@ -8,9 +8,11 @@ low-high range); with no GPU, the CPU agent.
 Every flag you pass (on the command line or in --config) wins over the plan. If your own flags do not fit, the plan
 says so, with the estimate, before the model loads; so does a run that would take more than two 12-hour sessions.
 The numbers are ESTIMATES (memory_estimate.py, time_estimate.py), not measurements; the two-session warning and its
-suggestions use the time's high end. After an out-of-memory, the advice comes from here.
+suggestions use the time's high end. When a run stops (out of memory, NaN or inf logits, another process that
+stopped answering), the message comes from here.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -22,11 +24,12 @@ import yaml
 from transformers import AutoConfig
 
 from envs import env_class
-from gpu_cards import CARDS, find_card
-from long_runs import last_complete_checkpoint
+from gpu_cards import CARDS, FP32_TFLOPS, find_card
+from long_runs import apply_ddp_timeout, last_complete_checkpoint, lost_peer, lost_peer_message
 from memory_estimate import GIB, PRESETS, PROMPT_TOKENS, TURN_TOKENS, Shape, estimate, load_shape, parameter_counts
 from time_estimate import (ENDS, HOURS_PER_SESSION, TYPICAL_REPLY_TOKENS, TYPICAL_TURN_TOKENS, estimate_time)
 from models import AGENT_NAME, LOCAL_MODELS
+from rollout import NonFiniteLogits
 
 HEADROOM = 0.9  # plan to 90% of the card: the estimate's fixed 1 GiB does not cover every allocator's slack
 EPISODE_CAPS = (6144, 4096, 3072, 2048)  # --max_completion_length, longest first: a cut episode loses its ending
@@ -332,6 +335,7 @@ def fit_to_machine(parser, argv, local_run_flags):
         planned = {**planned, **sixteen}
         parser.set_defaults(**planned)
         paw, args, model_args = parser.parse_args_and_config(argv)
+    apply_ddp_timeout(args)  # under torchrun, parsing joined the processes: how long one waits for another
     return paw, args, model_args, Plan(card, card_gib, card_name, shape, planned, cpu_agent, given)
 
 
@@ -398,3 +402,85 @@ def out_of_memory_message(paw, args, model_args, steps_done):
         f"  {last} is intact: run again with these flags and --resume_from_checkpoint last" if last else
         "  no checkpoint was saved yet: run again with these flags",
     ])
+
+
+def stop_message(error, paw, args, model_args, steps_done):
+    """What to do after `error` stopped training in step `steps_done` + 1 (train_paw.main prints it, with no traceback,
+    and exits 1); None for an error that has no advice here."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return out_of_memory_message(paw, args, model_args, steps_done)
+    if isinstance(error, NonFiniteLogits):
+        return nonfinite_logits_message(error, paw, args, model_args, steps_done)
+    if lost_peer(error):  # in a step, or in the processes' last meeting after the last step
+        where = f"step {steps_done + 1}" if steps_done < args.max_steps else f"after the last step ({steps_done})"
+        return lost_peer_message(error, args.output_dir, args.ddp_timeout, where)
+    return None
+
+
+def float32_card(card):
+    """`card` computing in float32, for the time estimate: its FP32 rate (gpu_cards.FP32_TFLOPS), and half its
+    bandwidth, since every activation and KV-cache byte doubles (an ESTIMATE that overcounts 4-bit weights); None
+    where the FP32 rate is not known."""
+    tflops = FP32_TFLOPS.get(card.name) if card else None
+    return dataclasses.replace(card, tflops=tflops, bandwidth_gbs=card.bandwidth_gbs / 2) if tflops else None
+
+
+def overflow_remedies(paw, args, model_args):
+    """Flags that keep a float16 run's numbers in range, each with its estimated seconds a step at the low and high
+    end (None where there is no estimate): bfloat16 on a card that has it; otherwise float32 compute for the same 4-bit
+    model, and the largest smaller preset model in float32 without 4-bit whose plan fits the card (float32 doubles the
+    estimate's 16-bit memory: it is fitted to half the card)."""
+    card, card_gib, _ = planned_card(paw.gpu, paw.gpu_memory_gib)
+    shape = planned_shape(model_args.model_name_or_path, card_gib)
+
+    def seconds(shape, card, model_args, **layout):  # the estimate's (low, high) ends
+        return tuple(step_time(shape, card, paw, args, model_args, end=end, **layout)["step"]
+                     for end in ENDS) if shape and card else None
+
+    if card and card.bf16:
+        return [(dict(dtype="bfloat16", bf16="true", fp16="false"), seconds(shape, card, model_args))]
+    fp32 = float32_card(card)
+    remedies = [(dict(dtype="float32", fp16="false"), seconds(shape, fp32, model_args))]
+    if shape is None:
+        return remedies
+
+    def size(preset):
+        return sum(parameter_counts(preset)[:2])
+
+    family = model_args.model_name_or_path.split("-")[0]  # e.g. Qwen/Qwen2.5: its own smaller models first
+    smaller = [(name, other) for name, other in PRESETS.items() if size(other) < size(shape)]
+    unquantized = dataclasses.replace(model_args, load_in_4bit=False)
+    for name, other in sorted(smaller, key=lambda item: (not item[0].startswith(family), -size(item[1]))):
+        layout = fit_run(other, paw, args, unquantized, HEADROOM * card_gib / 2)
+        if layout is not None:
+            flags = dict(model_name_or_path=name, load_in_4bit="false", dtype="float32", fp16="false", **layout)
+            return remedies + [(flags, seconds(other, fp32, unquantized, **layout))]
+    return remedies
+
+
+def nonfinite_logits_message(error, paw, args, model_args, steps_done):
+    """What happened when the policy's logits held NaN or inf in a rollout, its likely cause, the flags that avoid it
+    (with the time the estimate gives each), and the checkpoint to resume from."""
+    lines = [f"step {steps_done + 1}, in its rollout: {error}. Tokens sampled from them would be noise, so the run "
+             "stopped."]
+    if model_args.dtype == "float16" or args.fp16:
+        card, card_gib, _ = planned_card(paw.gpu, paw.gpu_memory_gib)
+        shape = planned_shape(model_args.model_name_or_path, card_gib)
+        ends = [step_time(shape, card, paw, args, model_args, end=end)["step"] for end in ENDS] if shape and card else []
+        now = f"this run: {duration_range(*ends)}; " if ends else ""
+        lines += ["  likely cause: float16 overflowed (it tops out at 65504). Qwen2-family models were trained in "
+                  "bfloat16, and in float16 their activations can overflow" + (
+                      "" if card and card.bf16 else ", on a card without bfloat16 such as a T4") + ".",
+                  f"  flags that avoid it, with the estimated time of a step ({now}ESTIMATES, not measured):"]
+        for flags, seconds in overflow_remedies(paw, args, model_args):
+            lines.append(f"    {as_flags(flags)}: " + (f"{duration_range(*seconds)} a step" if seconds else
+                                                       "no time estimate for this card or model"))
+        resume = "with the first (another model starts a new run)"
+    else:
+        lines.append(f"  the run computes in {model_args.dtype}, where an overflow is unlikely: NaN or inf in the "
+                     "weights or inputs is (a diverged update: try a lower --learning_rate).")
+        resume = "with a lower --learning_rate"
+    last = last_complete_checkpoint(args.output_dir)
+    lines.append(f"  {last} is intact: run again {resume} and --resume_from_checkpoint last" if last else
+                 "  no checkpoint was saved yet")
+    return "\n".join(lines)

@@ -232,17 +232,34 @@ def episode_record(e):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class NonFiniteLogits(RuntimeError):
+    """The policy's logits held NaN or inf (in float16, an overflow): in `episodes` of `batch` episodes, at `turn`."""
+
+    def __init__(self, episodes, batch, turn):
+        super().__init__(f"the policy's logits held NaN or inf in {episodes} of {batch} episodes at turn {turn}")
+        self.episodes, self.batch, self.turn = episodes, batch, turn
+
+
 class RecordLogprobs(LogitsProcessor):
     """Records each sampled token's log-probability at the sampling temperature (before top-k/top-p filters: what
-    TRL's training forward computes). It sees step t's scores, and at step t + 1 the token chosen from them."""
+    TRL's training forward computes). It sees step t's scores, and at step t + 1 the token chosen from them.
+
+    It also flags the rows whose logits held NaN or inf at any step (their log-softmax has a NaN), on the device
+    with no synchronisation per step; `check` raises NonFiniteLogits, once per `generate`."""
 
     def __init__(self, temperature):
         self.temperature, self.scores, self.logprobs = temperature, None, []
+        self.broken = torch.tensor(False)  # (B,) once a step has run
 
     def __call__(self, input_ids, scores):
         self._take(input_ids[:, -1])
         self.scores = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.broken = self.scores.amax(dim=-1).isnan() | self.broken
         return scores
+
+    def check(self, episodes):
+        if self.broken.any():
+            raise NonFiniteLogits(int(self.broken.sum()), len(episodes), len(episodes[0].turns) + 1)
 
     def _take(self, tokens):
         if self.scores is not None:
@@ -290,11 +307,16 @@ class ModelPolicy:
                 for c, k in zip(contexts, cached)]
         device = self.model.device
         recorder = RecordLogprobs(self.generation_config.temperature or 1.0)
-        output = self.model.generate(
-            input_ids=torch.tensor(rows, device=device), attention_mask=torch.tensor(mask, device=device),
-            past_key_values=self._gather(kept, width) if width else None, generation_config=self.generation_config,
-            logits_processor=[recorder],
-        )
+        try:
+            output = self.model.generate(
+                input_ids=torch.tensor(rows, device=device), attention_mask=torch.tensor(mask, device=device),
+                past_key_values=self._gather(kept, width) if width else None,
+                generation_config=self.generation_config, logits_processor=[recorder],
+            )
+        except RuntimeError:  # sampling refuses NaN probabilities ("probability tensor contains ... nan"): say why
+            recorder.check(episodes)
+            raise
+        recorder.check(episodes)  # greedy decoding took NaN's argmax: that reply is never played
         self.prefilled += sum(len(c) - k for c, k in zip(contexts, cached))
         new_tokens = output.sequences[:, width + extra:]
         logprobs = recorder.finish(new_tokens[:, -1])

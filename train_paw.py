@@ -33,10 +33,10 @@ from env_workers import EnvWorkers
 from envs import DataMissing, EnvArguments, env_class
 from episode_log import EpisodeLog, EpisodeLogArguments
 from gpu_cards import CARDS, find_card
-from long_runs import CURRICULUM_FILE, CurriculumCheckpoint, SkipNonFiniteSteps, checkpoint_to_resume
+from long_runs import CURRICULUM_FILE, CurriculumCheckpoint, SkipNonFiniteSteps, checkpoint_to_resume, end_process
 from losses import TOKEN_LOSSES, adaptive_lambda, transition_wm_loss, wm_objective
 from models import LOCAL_RUN_FLAGS, ModelMissing, load_model, model_flags, upcast_trainable
-from plan import fit_to_machine, out_of_memory_message, print_plan
+from plan import fit_to_machine, print_plan, stop_message
 from rollout import ChatFormat, ModelPolicy, episode_fields, play
 from wm_select import action_entropy, per_transition_mean, select_top, selection_quotas
 
@@ -137,7 +137,6 @@ def default_flags():
         max_completion_length=6144, max_steps=200, logging_steps=1, save_steps=25, disable_dropout=True,
         output_dir="runs/paw",
     )
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,21 +363,22 @@ def main(argv=None, callbacks=()):
         upcast_trainable(trainer.model)
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    except torch.OutOfMemoryError:  # in a rollout or a training step: say what fits, never a traceback
-        print(f"error: {out_of_memory_message(paw, training_args, model_args, trainer.state.global_step)}",
-              file=sys.stderr)
-        sys.exit(1)
+        if nonfinite.stopped:
+            print(f"error: {nonfinite.stop_message(training_args.output_dir, trainer.state.global_step)}",
+                  file=sys.stderr)
+            end_process(1)
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()  # trainer_state.json: the run's log, which curves.py plots
+        trainer.accelerator.wait_for_everyone()  # under torchrun, end together: gloo's threads may abort a process
+        trainer.accelerator.end_training()
+    except RuntimeError as error:  # out of memory, NaN or inf logits, a process gone: what to do, never a traceback
+        if (message := stop_message(error, paw, training_args, model_args, trainer.state.global_step)) is None:
+            raise  # an error with no advice
+        print(f"error: {message}", file=sys.stderr)
+        end_process(1)
     finally:
         workers.close()
-    if nonfinite.stopped:
-        print(f"error: {nonfinite.stop_message(training_args.output_dir, trainer.state.global_step)}", file=sys.stderr)
-        sys.exit(1)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the run's log, which curves.py plots
-    # Under torchrun: destroy the process group together; left to exit, gloo's threads may abort a process (SIGABRT)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-    return trainer
+    return end_process(0, trainer)  # under torchrun the process ends here, without teardown (long_runs.py says why)
 
 
 if __name__ == "__main__":

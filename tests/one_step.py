@@ -21,6 +21,7 @@ from scripted import ScriptedEnv, scripted_policy  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
+from long_runs import apply_ddp_timeout, end_process  # noqa: E402
 from rollout import ChatFormat, play  # noqa: E402
 from train_paw import PaWArguments, PaWTrainer, episode_fields, make_invalid_action_penalty, task_reward  # noqa: E402
 
@@ -54,7 +55,10 @@ def main(model_dir, out, wm, advantage, micro_batch="4"):
         gradient_accumulation_steps=GROUP // (world * micro_batch), max_completion_length=1024, optim="sgd",
         learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         gradient_checkpointing=False, disable_dropout=True, seed=0, shuffle_dataset=False,
+        # processes whose collectives stop matching (a bug, or a mutant) fail in a minute, not in gloo's 30
+        ddp_timeout=60,
     )
+    apply_ddp_timeout(args)
     trainer = PaWTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         reward_funcs=[task_reward, make_invalid_action_penalty(0.1)], args=args,
@@ -67,6 +71,7 @@ def main(model_dir, out, wm, advantage, micro_batch="4"):
     # destroy the process group together: left to exit, gloo's threads may abort a process (SIGABRT)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    end_process()  # as train_paw.py ends: never tearing down the DDP model, whose teardown can deadlock
 
 
 if __name__ == "__main__":

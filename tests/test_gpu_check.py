@@ -2,10 +2,12 @@
 estimates; the Qwen2.5 configurations it builds; its environment's ALFWorld token lengths."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import calibration
 import gpu_check
 import memory_estimate as me
 from envs import make_env
-from rollout import play, text_policy
+from rollout import NonFiniteLogits, play, text_policy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,7 +78,27 @@ def test_at_smoke_size_it_measures_a_real_run_and_writes_both_sides(tmp_path):
     assert measurement.kind == "rl_step" and measurement.seconds == measured["step_s"]
     assert calibration.estimated(measurement) == pytest.approx(estimated["step"], rel=1e-9)
     assert calibration.estimated(measurement, "low") == pytest.approx(estimated["low_end"]["step"], rel=1e-9)
+    assert row["nonfinite"] == {"rollout": False, "training": False} and "| none / none |" in result.stdout
     assert "| tiny | 1 |" in result.stdout and "paste the table" in result.stdout
+
+
+def test_nan_or_inf_in_a_rollout_or_in_training_is_reported_per_shape(monkeypatch):
+    def stopped_by_nan_logits(argv):  # as train_paw.main ends such a run: its message, then exit code 1
+        try:
+            raise NonFiniteLogits(1, 4, 1)
+        except NonFiniteLogits:
+            raise SystemExit(1)
+
+    monkeypatch.setattr(gpu_check.train_paw, "main", stopped_by_nan_logits)
+    assert gpu_check.measure([]) == ([], {}, {"rollout": True, "training": False})
+    step = {"step_time": 2.0, "time/rollout_s": 1.0, "time/generated_tokens_per_s": 9.0, "episode/length": 3.0}
+    logged = SimpleNamespace(state=SimpleNamespace(log_history=[{**step, "loss": 0.5}, {**step, "loss": math.nan}]))
+    monkeypatch.setattr(gpu_check.train_paw, "main", lambda argv: logged)
+    assert gpu_check.measure([])[2] == {"rollout": False, "training": True}
+    row = {"model": "m", "steps": [], "measured": {}, "estimated": {"peak_gib": 9.0},
+           "nonfinite": {"rollout": True, "training": False}}
+    table = gpu_check.table({"gpu": "Tesla T4", "card": "T4", "date": "2026-12-07", "shapes": [row], "skipped": []})
+    assert "| m | 0 | - | 9.0 | - (-) | - (-) | - (-) | - (-) | yes / none |" in table
 
 
 def test_bad_flags_exit_2_with_a_message():

@@ -5,22 +5,28 @@ the gathered batch, and TRL's loss is normalised so that DDP's averaged gradient
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# Every torchrun launch runs under launch.run: one still going after this many seconds (a run takes under a minute)
+# fails, naming each process and printing its Python stacks.
+HANG_S = 300
+
+
+def torchrun(*args):
+    return launch.run([TORCHRUN, *args], HANG_S, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def updated_weights(tiny_path, out, processes, wm, advantage, micro_batch=4):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--nproc_per_node", str(processes), "tests/one_step.py", str(tiny_path),
-                             str(out), wm, advantage, str(micro_batch)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun("--nproc_per_node", str(processes), "tests/one_step.py", str(tiny_path), str(out), wm, advantage,
+                      str(micro_batch))
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out / "weights.pt")
 
@@ -54,15 +60,30 @@ def test_the_shipped_accelerate_configs_load_in_accelerate(name, kind):
     assert config.distributed_type.name == kind and config.num_processes == 2 and config.num_machines == 1
 
 
-def test_train_paw_on_two_processes_trains_and_the_curriculum_counts_the_episodes_of_both(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
+# train_paw.py whose process 1 stops answering in the rollout of step 2, as a process stuck in a driver or a loop would.
+STALLED_IN_STEP_2 = """import os, time, train_paw
+play, rollouts = train_paw.play, []
+def stalled(*args, **kwargs):
+    rollouts.append(1)
+    if os.environ["RANK"] == "1" and len(rollouts) == 2:
+        time.sleep(600)
+    return play(*args, **kwargs)
+train_paw.play = stalled
+train_paw.main()"""
+
+
+def test_train_paw_on_two_processes_trains_and_a_process_left_waiting_past_ddp_timeout_names_the_step(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "train_paw.py", "--model_name_or_path", "tiny",
-                             "--games", "generated", "--curriculum", "--env_workers", "1", "--max_steps", "1",
-                             "--save_steps", "1", "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun("--nproc_per_node", "2", "--no-python", sys.executable, "-c", STALLED_IN_STEP_2,
+                      "--model_name_or_path", "tiny", "--games", "generated", "--curriculum", "--env_workers", "1",
+                      "--max_steps", "2", "--save_steps", "1", "--ddp_timeout", "20", "--output_dir", str(out))
     assert result.stdout.count("plan (no GPU)") == 1 and "8 episodes (2 games x 4) over 2 processes" in result.stdout
+    # step 1 trained on both processes, and the curriculum counted the episodes of both
     saved = json.loads((out / "checkpoint-1" / "curriculum.json").read_text())
     assert len(saved["recent"]) == 8  # both processes' 4 episodes: every process moves on the same window
-    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    # step 2: process 0 waited --ddp_timeout for process 1, then stopped with a message; torchrun ended process 1
+    assert result.returncode == 1
+    assert ("error: step 2: process 0 of 2 waited for another process of the run, which did not answer within "
+            "--ddp_timeout (20 s)") in result.stderr
+    assert f"{out / 'checkpoint-1'} is intact" in result.stderr and "[rank0]: Traceback" not in result.stderr
