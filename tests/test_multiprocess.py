@@ -87,3 +87,12 @@ def test_train_paw_on_two_processes_trains_and_a_process_left_waiting_past_ddp_t
     assert ("error: step 2: process 0 of 2 waited for another process of the run, which did not answer within "
             "--ddp_timeout (20 s)") in result.stderr
     assert f"{out / 'checkpoint-1'} is intact" in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
+def test_a_launch_that_hangs_fails_in_time_naming_the_stuck_process_and_where_it_waits():
+    hangs = "import os, time\nif os.environ['RANK'] == '1':\n    time.sleep(600)\n"
+    with pytest.raises(AssertionError) as hung:
+        launch.run([TORCHRUN, "--nproc_per_node", "2", "--no-python", sys.executable, "-c", hangs], 15, cwd=REPO)
+    report = str(hung.value)
+    assert "hung: still running after 15 s" in report
+    assert "--- rank 1 (pid" in report and 'File "<string>", line 3' in report  # its Python stack, at the sleep

@@ -80,9 +80,10 @@ def test_the_message_of_a_t4_run_names_its_cause_and_flags_that_avoid_it_with_th
     assert message.startswith("step 5, in its rollout: the policy's logits held NaN or inf in 3 of 16 episodes")
     assert "float16 overflowed" in message and "without bfloat16 such as a T4" in message
     shape, t4 = plan.planned_shape(model_args.model_name_or_path, 15), plan.find_card("t4")
-    step = plan.step_time(shape, t4, paw, args, model_args)["step"]
-    fp32 = plan.step_time(shape, plan.float32_card(t4), paw, args, model_args)["step"]
-    assert f"--dtype float32 --fp16 false: {plan.duration(fp32)} a step" in message and fp32 > 2 * step
+    step, fp32 = ([plan.step_time(shape, card, paw, args, model_args, end=end)["step"] for end in plan.ENDS]
+                  for card in (t4, plan.float32_card(t4)))
+    assert f"(this run: {plan.duration_range(*step)};" in message
+    assert f"--dtype float32 --fp16 false: {plan.duration_range(*fp32)} a step" in message and fp32[0] > 2 * step[1]
     assert "--model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --load_in_4bit false --dtype float32" in message
     assert "no checkpoint was saved yet" in message
 
