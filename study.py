@@ -469,7 +469,7 @@ def summarize(runs, steps):
     return table
 
 
-PANELS = (("success", "Held-out success ({games}, greedy)", "success rate"),
+PANELS = (("success", "Held-out success\n({games}, greedy)", "success rate"),
           ("invalid_action_rate", "Held-out invalid actions", "share of actions"),
           ("nll", "Next-observation NLL on held-out expert episodes", "nats per observation token"))
 
