@@ -425,6 +425,12 @@ def float32_card(card):
     return dataclasses.replace(card, tflops=tflops, bandwidth_gbs=card.bandwidth_gbs / 2) if tflops else None
 
 
+def step_seconds(shape, card, paw, args, model_args, **layout):
+    """A step's estimated seconds at the estimate's (low, high) ends; None where there is no model shape or card."""
+    return tuple(step_time(shape, card, paw, args, model_args, end=end, **layout)["step"]
+                 for end in ENDS) if shape and card else None
+
+
 def overflow_remedies(paw, args, model_args):
     """Flags that keep a float16 run's numbers in range, each with its estimated seconds a step at the low and high
     end (None where there is no estimate): bfloat16 on a card that has it; otherwise float32 compute for the same 4-bit
@@ -432,15 +438,10 @@ def overflow_remedies(paw, args, model_args):
     estimate's 16-bit memory: it is fitted to half the card)."""
     card, card_gib, _ = planned_card(paw.gpu, paw.gpu_memory_gib)
     shape = planned_shape(model_args.model_name_or_path, card_gib)
-
-    def seconds(shape, card, model_args, **layout):  # the estimate's (low, high) ends
-        return tuple(step_time(shape, card, paw, args, model_args, end=end, **layout)["step"]
-                     for end in ENDS) if shape and card else None
-
     if card and card.bf16:
-        return [(dict(dtype="bfloat16", bf16="true", fp16="false"), seconds(shape, card, model_args))]
+        return [(dict(dtype="bfloat16", bf16="true", fp16="false"), step_seconds(shape, card, paw, args, model_args))]
     fp32 = float32_card(card)
-    remedies = [(dict(dtype="float32", fp16="false"), seconds(shape, fp32, model_args))]
+    remedies = [(dict(dtype="float32", fp16="false"), step_seconds(shape, fp32, paw, args, model_args))]
     if shape is None:
         return remedies
 
@@ -454,7 +455,7 @@ def overflow_remedies(paw, args, model_args):
         layout = fit_run(other, paw, args, unquantized, HEADROOM * card_gib / 2)
         if layout is not None:
             flags = dict(model_name_or_path=name, load_in_4bit="false", dtype="float32", fp16="false", **layout)
-            return remedies + [(flags, seconds(other, fp32, unquantized, **layout))]
+            return remedies + [(flags, step_seconds(other, fp32, paw, args, unquantized, **layout))]
     return remedies
 
 
@@ -466,7 +467,7 @@ def nonfinite_logits_message(error, paw, args, model_args, steps_done):
     if model_args.dtype == "float16" or args.fp16:
         card, card_gib, _ = planned_card(paw.gpu, paw.gpu_memory_gib)
         shape = planned_shape(model_args.model_name_or_path, card_gib)
-        ends = [step_time(shape, card, paw, args, model_args, end=end)["step"] for end in ENDS] if shape and card else []
+        ends = step_seconds(shape, card, paw, args, model_args)
         now = f"this run: {duration_range(*ends)}; " if ends else ""
         lines += ["  likely cause: float16 overflowed (it tops out at 65504). Qwen2-family models were trained in "
                   "bfloat16, and in float16 their activations can overflow" + (
